@@ -18,16 +18,43 @@ RMSNorm with gain G:  w_i = G * (W_U[i] - mean_j W_U[j]),  const_i = 0 (+ a cent
 bias if the model has one). LayerNorm with gain g, bias b: the centring over the hidden dimension
 is folded into the direction, w_i = centre(g * u_i) with u_i = W_U[i] - mean_j W_U[j] (so
 c . w_i = centre(c) . (g * u_i)), and const_i = b . u_i (+ centred lm_head bias).
+
+SHARED MACHINERY (below the block methods; works for every family through them):
+
+- :meth:`TransformerAdapter.forward` -- the whole forward pass built from the block methods,
+  recording every site's value at every position (:class:`FullRun`).
+- :meth:`TransformerAdapter.clean_run` -- ONE cached clean run per prompt (:class:`CleanRun`):
+  target i = argmax of the clean logits (Eq 10), the readout w_i, every readout site's value and
+  direct effect (c . w_i) / sigma at the clean sigma (Delta_unembed, Eqs 10, 24-28), plus the
+  per-layer keys/values and residuals that patching reuses.
+- :meth:`TransformerAdapter.patch` -- do(site = value) at the clean run's position (Eq 11) for
+  many (site, patch) rows at once (:class:`PatchedRun`): only the final position is recomputed,
+  from the site's layer upward, layer-synchronously over all rows; each row is read out at its
+  own final scale (CONVENTIONS "Which sigma"), its total effect is Eq 12 and its readout sites'
+  direct effects are the ablated direct effects of Eq 13.
+- :meth:`TransformerAdapter.hook_points` / :meth:`TransformerAdapter.final_norm_module` -- the
+  Hugging Face modules the independent oracle (:mod:`causalnet.adapters.naive`) hooks.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from causalnet.errors import (
+    CausalNetError,
+    ContextError,
+    InterventionError,
+    ModelError,
+    NonFiniteError,
+    ShapeError,
+    UnknownNodeError,
+)
+from causalnet.sites import Site, parse_site
 
 Granularity = Literal["layer", "head"]
 
@@ -45,6 +72,128 @@ class Architecture:
     vocab_size: int
     parallel_residual: bool  # attn.l and mlp.l both read the residual before layer l
     norm: Literal["rms", "layer"]
+
+
+class HookPoints(NamedTuple):
+    """The Hugging Face modules of one decoder layer that the naive oracle hooks.
+
+    - ``block``: the decoder layer; its input (first positional argument or ``hidden_states``
+      keyword) is the residual stream before layer l (for layer 0: the ``embed`` site).
+    - ``attn``: its output (or the first element of a tuple output) [B, T, d] is ``attn.l``.
+    - ``mlp``: its output [B, T, d] is ``mlp.l``.
+    - ``o_proj``: the attention output projection; its input [B, T, H * dh] is the heads'
+      outputs concatenated head-major, and ``o_proj(x) = attn.l`` (an additive bias is split
+      equally over the heads, as in :meth:`TransformerAdapter.head_outputs`).
+    """
+
+    block: nn.Module
+    attn: nn.Module
+    mlp: nn.Module
+    o_proj: nn.Module
+
+
+@dataclass
+class FullRun:
+    """A full-sequence forward pass from the block methods (:meth:`TransformerAdapter.forward`).
+
+    ``values`` maps every readout site (``embed``, ``attn.l`` or its heads, ``mlp.l``; in residual
+    order) to its value at every position [B, T, d], so that
+    ``resid_final = sum(values.values())`` (Eq 21). The ``*_cache`` lists (one entry per layer)
+    are filled only with ``cache=True``: keys and values after the rotary embedding
+    [B, T, Hkv, dh], the heads' pre-projection outputs ``z_heads`` [B, T, H, dh], the residual
+    each layer's attention reads (``resid_pre``) and the one its MLP reads (``resid_mid``; equal
+    to ``resid_pre`` for parallel-residual models), and the MLP outputs are in ``values``.
+    """
+
+    tokens: Tensor  # [B, T] int64
+    logits: Tensor  # [B, T, V], as the model computes them
+    resid_final: Tensor  # [B, T, d]: z^L before the final norm
+    sigma: Tensor  # [B, T]: the final norm's scale
+    values: dict[str, Tensor]  # readout site -> [B, T, d]
+    granularity: Granularity
+    k_cache: list[Tensor] | None = None
+    v_cache: list[Tensor] | None = None
+    z_heads: list[Tensor] | None = None
+    resid_pre: list[Tensor] | None = None
+    resid_mid: list[Tensor] | None = None
+
+
+@dataclass
+class CleanRun:
+    """One prompt's clean run, cached once and reused by every later question.
+
+    Read out at ``position`` t (non-negative index into ``tokens``) at the clean final scale
+    ``sigma``: ``target`` i = argmax_j logits_j (Eq 10); ``readout_dir`` w_i and
+    ``readout_const`` (module docstring); ``site_values`` [R, d] are the readout sites' values at
+    t (``readout_sites``, ``embed`` first); ``direct_effects`` [R] =
+    ``site_values @ w_i / sigma`` (Delta_unembed, Eq 10; the direct effect of Eqs 24-28);
+    ``centred_logit`` = logits[i] - mean_j logits[j] (Eq 9) from the model's full logits, so
+    ``direct_effects.sum() + readout_const == centred_logit`` up to rounding (Eq 21, 24).
+
+    The private fields cache, per layer l, what :meth:`TransformerAdapter.patch` reuses: keys
+    and values of the positions before t, the residual read by layer l's attention and MLP at t,
+    and the clean attention, head and MLP outputs at t.
+    """
+
+    tokens: Tensor  # [T] int64, the whole prompt
+    position: int  # t, non-negative
+    granularity: Granularity
+    readout_sites: list[str]
+    target: int
+    logits: Tensor  # [V] at t
+    sigma: float
+    readout_dir: Tensor  # [d]
+    readout_const: float
+    site_values: Tensor  # [R, d]
+    direct_effects: Tensor  # [R]
+    centred_logit: float
+    _k: list[Tensor] = field(repr=False, default_factory=list)  # per layer [t, Hkv, dh]
+    _v: list[Tensor] = field(repr=False, default_factory=list)  # per layer [t, Hkv, dh]
+    _resid_pre: Tensor | None = field(repr=False, default=None)  # [L, d]
+    _resid_mid: Tensor | None = field(repr=False, default=None)  # [L, d]
+    _attn: Tensor | None = field(repr=False, default=None)  # [L, d]
+    _heads: Tensor | None = field(repr=False, default=None)  # [L, H, d]
+    _mlp: Tensor | None = field(repr=False, default=None)  # [L, d]
+
+    def value(self, site: str) -> Tensor:
+        """The clean value at t [d] of any site (``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``),
+        whatever the granularity of the run -- the source of mean and resample ablations."""
+        s = parse_site(site)
+        assert self._attn is not None and self._heads is not None and self._mlp is not None
+        n_layers, n_heads = self._heads.shape[0], self._heads.shape[1]
+        bad_layer = s.kind != "embed" and not 0 <= s.layer < n_layers
+        bad_head = s.kind == "head" and not 0 <= s.head < n_heads
+        if bad_layer or bad_head:
+            raise UnknownNodeError(
+                f"site {site!r} does not exist in a model with {n_layers} layers and {n_heads} "
+                f"heads (valid e.g. 'embed', 'attn.0', 'attn.0.h0', 'mlp.{n_layers - 1}')"
+            )
+        if s.kind == "embed":
+            return self.site_values[0]
+        if s.kind == "attn":
+            return self._attn[s.layer]
+        if s.kind == "head":
+            return self._heads[s.layer, s.head]
+        return self._mlp[s.layer]
+
+
+@dataclass
+class PatchedRun:
+    """The runs do(site_s = values[s, p]) at the clean run's position (Eq 11), one per row.
+
+    Each run is read out at its own final scale ``sigma`` (CONVENTIONS "Which sigma"):
+    ``direct_effects[s, p, r]`` = (c_r . w_i) / sigma[s, p] for every readout site r of the clean
+    run (Eq 13: the ablated direct effects); ``centred_logit[s, p]`` is the model's centred logit
+    of the clean target computed from the patched final residual (not by summing direct
+    effects), and ``total_effect = centred_logit - clean.centred_logit`` (Eqs 12, 14-18).
+    """
+
+    sites: list[str]
+    readout_sites: list[str]
+    direct_effects: Tensor  # [S, P, R]
+    sigma: Tensor  # [S, P]
+    centred_logit: Tensor  # [S, P]
+    total_effect: Tensor  # [S, P]
 
 
 class TransformerAdapter(ABC):
@@ -97,3 +246,479 @@ class TransformerAdapter(ABC):
     @abstractmethod
     def readout(self, token: int) -> tuple[Tensor, float]:
         """Centred readout direction w_i [d] and constant const_i (see the module docstring)."""
+
+    # ---- hooks for the naive oracle (each family implements these) --------------------------
+    def hook_points(self, layer: int) -> HookPoints:
+        """The Hugging Face modules of layer ``layer`` that :mod:`causalnet.adapters.naive`
+        hooks (see :class:`HookPoints` for what each module's input/output must be).
+
+        Every family overrides this; e.g. Llama returns ``(layers[l], layers[l].self_attn,
+        layers[l].mlp, layers[l].self_attn.o_proj)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement hook_points(layer)")
+
+    def final_norm_module(self) -> nn.Module:
+        """The final norm module; its input is the final residual z^L (for the naive oracle)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement final_norm_module()")
+
+    # ---- optional family switches -----------------------------------------------------------
+    def attention_window(self, layer: int) -> int | None:
+        """Sliding-window size of layer ``layer`` (a key at position s is visible from query
+        position t iff s <= t and t - s < window), or None for full causal attention."""
+        return None
+
+    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
+        """The model's centred logit of ``token`` (Eq 9) from final residuals [..., d] -> [...],
+        without the full vocabulary projection: ``(z . w_i) / sigma(z) + const_i`` (Eq 24).
+
+        A family may override this to follow the model's own floating-point path exactly.
+        """
+        w, const = self.readout(token)
+        return (resid @ w) / self.final_scale(resid) + const
+
+    # ---- sites -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def sites(self, granularity: Granularity = "layer") -> list[str]:
+        """Intervenable sites in residual order: ``attn.0, mlp.0, attn.1, ...``, or with
+        ``granularity="head"``: ``attn.0.h0 .. attn.0.h{H-1}, mlp.0, ...`` (HF layer index)."""
+        _check_granularity(granularity)
+        out: list[str] = []
+        for layer in range(self.arch.n_layers):
+            if granularity == "head":
+                out += [f"attn.{layer}.h{h}" for h in range(self.arch.n_heads)]
+            else:
+                out.append(f"attn.{layer}")
+            out.append(f"mlp.{layer}")
+        return out
+
+    def readout_sites(self, granularity: Granularity = "layer") -> list[str]:
+        """``["embed"] + sites(granularity)``: these sum to the final residual (Eq 21)."""
+        return ["embed"] + self.sites(granularity)
+
+    def site(self, name: str) -> Site:
+        """Parse a site name and check it exists in this model (UnknownNodeError otherwise)."""
+        s = parse_site(name)
+        n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
+        bad_layer = s.kind != "embed" and not 0 <= s.layer < n_layers
+        bad_head = s.kind == "head" and not 0 <= s.head < n_heads
+        if bad_layer or bad_head:
+            raise UnknownNodeError(
+                f"site {name!r} does not exist in this {self.arch.family} model "
+                f"({n_layers} layers numbered 0..{n_layers - 1}, {n_heads} heads per layer "
+                f"numbered 0..{n_heads - 1}); valid sites are e.g. 'embed', 'attn.0', "
+                f"'attn.0.h{n_heads - 1}', 'mlp.{n_layers - 1}'"
+            )
+        return s
+
+    # ---- tokens ------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> Tensor:
+        """The prompt's token ids [T] exactly as the Hugging Face model normally sees them.
+
+        BOS handling: the tokenizer's own default (``tokenizer(prompt)``, i.e.
+        ``add_special_tokens=True``): tokenizers that add a BOS (Llama-2, Mistral) add it,
+        those that do not (GPT-2, GPT-NeoX, SmolLM2) add nothing.
+        """
+        tok = self._tokenizer()
+        if not isinstance(prompt, str) or not prompt:
+            raise ContextError(f"empty prompt {prompt!r}: a prompt needs at least one token")
+        ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) == 0:
+            raise ContextError(f"prompt {prompt!r} encodes to no tokens")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def first_token(self, text: str) -> int:
+        """The first token id of ``text`` without special tokens (e.g. of ``" " + attribute``)."""
+        tok = self._tokenizer()
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not text or len(ids) == 0:
+            raise ContextError(f"text {text!r} encodes to no tokens")
+        return int(ids[0])
+
+    def _tokenizer(self) -> Any:
+        tok = getattr(self, "tokenizer", None)
+        if tok is None:
+            raise ModelError(
+                f"{type(self).__name__} has no tokenizer: pass one to adapt(model, tokenizer) "
+                "or give token ids instead of text"
+            )
+        return tok
+
+    def _check_tokens(self, tokens: Tensor | list[int], ndim: int) -> Tensor:
+        """Token ids as int64 on the model's device, 1-D ([T]) or 2-D ([B, T]) as asked."""
+        t = torch.as_tensor(tokens)
+        if t.ndim == 1 and ndim == 2:
+            t = t[None]
+        if t.ndim == 2 and ndim == 1 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != ndim:
+            want = "[T]" if ndim == 1 else "[B, T]"
+            raise ShapeError(f"tokens must have shape {want}, got {tuple(t.shape)}")
+        if t.numel() == 0 or t.shape[-1] == 0:
+            raise ContextError(f"empty prompt: tokens of shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ShapeError(f"tokens must be integer ids, got dtype {t.dtype}")
+        t = t.to(device=self.device, dtype=torch.long)
+        bad = (t < 0) | (t >= self.arch.vocab_size)
+        if bool(bad.any()):
+            raise ContextError(
+                f"token id {int(t[bad][0])} is outside the vocabulary [0, {self.arch.vocab_size})"
+            )
+        return t
+
+    # ---- the forward pass, step by step ------------------------------------------------------
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor
+    ) -> Tensor:
+        """Causal softmax attention with grouped keys/values (GQA) of layer ``layer``.
+
+        q [..., Tq, H, dh], k and v [..., Tk, Hkv, dh], positions q_pos [Tq], k_pos [Tk] ->
+        z [..., Tq, H, dh] with z_h = sum_s softmax_s(q_h . k_s * attn_scale) v_s over the keys
+        with s <= t (and t - s < window for a sliding-window layer). Query head h reads key/value
+        head h // (H / Hkv), as Hugging Face's ``repeat_kv``. Half-precision scores are
+        softmaxed in float32 (as the models' eager attention).
+        """
+        n_heads, n_kv = q.shape[-2], k.shape[-2]
+        qg = q.unflatten(-2, (n_kv, n_heads // n_kv))  # [..., Tq, Hkv, g, dh]
+        scores = torch.einsum("...qkgd,...tkd->...kgqt", qg, k) * self.attn_scale
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        window = self.attention_window(layer)
+        if window is not None:
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        z = torch.einsum("...kgqt,...tkd->...qkgd", probs, v)
+        return z.flatten(-3, -2)
+
+    def attention(self, layer: int, resid: Tensor, positions: Tensor) -> Tensor:
+        """Layer ``layer``'s heads before the output projection: resid [..., T, d] read at
+        ``positions`` [T] -> z_heads [..., T, H, dh] (``qkv`` then :meth:`attend`)."""
+        q, k, v = self.qkv(layer, resid, positions)
+        return self.attend(layer, q, k, v, positions, positions)
+
+    def layer_step(self, layer: int, resid: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """One decoder layer on full sequences: resid z^{l-1} [..., T, d] -> (a^l, m^l), Eqs 4-6.
+
+        Sequential: m^l = mlp(z^{l-1} + a^l); parallel residual: m^l = mlp(z^{l-1}). The
+        caller adds both: z^l = z^{l-1} + a^l + m^l.
+        """
+        a = self.attn_output(layer, self.attention(layer, resid, positions))
+        mid = resid if self.arch.parallel_residual else resid + a
+        return a, self.mlp(layer, mid)
+
+    def forward(
+        self, tokens: Tensor, granularity: Granularity = "layer", cache: bool = False
+    ) -> FullRun:
+        """The whole forward pass (Eqs 3-6) from the block methods, recording every site.
+
+        tokens [B, T] (or [T], read as B = 1) without padding -> :class:`FullRun` with the
+        logits [B, T, V], the final residual z^L, its final scale sigma, and every readout
+        site's value at every position (heads instead of whole attention layers when
+        ``granularity="head"``), so that ``embed + sum_l (attn.l + mlp.l) = z^L`` (Eq 21).
+        Sequential residual: z += a^l; m^l = mlp(z); z += m^l. Parallel (``arch``): a^l and
+        m^l both read z^{l-1}; z += a^l + m^l.
+        """
+        _check_granularity(granularity)
+        tokens = self._check_tokens(tokens, ndim=2)
+        n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
+        with torch.no_grad():
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            z = self.embed(tokens)
+            values: dict[str, Tensor] = {"embed": z}
+            k_cache: list[Tensor] = []
+            v_cache: list[Tensor] = []
+            zh_cache: list[Tensor] = []
+            pre_cache: list[Tensor] = []
+            mid_cache: list[Tensor] = []
+            for layer in range(n_layers):
+                q, k, v = self.qkv(layer, z, positions)
+                zh = self.attend(layer, q, k, v, positions, positions)
+                a = self.attn_output(layer, zh)
+                if granularity == "head":
+                    hc = self.head_outputs(layer, zh)
+                    for h in range(n_heads):
+                        values[f"attn.{layer}.h{h}"] = hc[..., h, :]
+                else:
+                    values[f"attn.{layer}"] = a
+                pre = z
+                if self.arch.parallel_residual:
+                    m = self.mlp(layer, z)
+                    mid = z
+                    z = z + a + m
+                else:
+                    z = z + a
+                    mid = z
+                    m = self.mlp(layer, z)
+                    z = z + m
+                values[f"mlp.{layer}"] = m
+                if cache:
+                    k_cache.append(k)
+                    v_cache.append(v)
+                    zh_cache.append(zh)
+                    pre_cache.append(pre)
+                    mid_cache.append(mid)
+            sigma = self.final_scale(z)
+            logits = self.logits(z)
+        return FullRun(
+            tokens=tokens,
+            logits=logits,
+            resid_final=z,
+            sigma=sigma,
+            values=values,
+            granularity=granularity,
+            k_cache=k_cache if cache else None,
+            v_cache=v_cache if cache else None,
+            z_heads=zh_cache if cache else None,
+            resid_pre=pre_cache if cache else None,
+            resid_mid=mid_cache if cache else None,
+        )
+
+    # ---- the clean run -----------------------------------------------------------------------
+    def clean_run(
+        self, tokens: Tensor | str, granularity: Granularity = "layer", position: int = -1
+    ) -> CleanRun:
+        """The prompt's clean run, read out at ``position`` t (default: the last token).
+
+        target i = argmax_j pi_t[j] (Eq 10); w_i, const_i = :meth:`readout` (Eqs 9, 24);
+        ``direct_effects`` = site_values @ w_i / sigma with sigma = sigma(z^L_t) frozen at the
+        clean run (Delta_unembed, Eq 10); ``centred_logit`` = pi_t[i] - mean_j pi_t[j] (Eq 9).
+        Only tokens[: t + 1] matter (causal masking); the rest of the prompt is kept in
+        ``tokens`` but not run. ``tokens`` may be a string (then :meth:`encode` is used).
+        """
+        _check_granularity(granularity)
+        if isinstance(tokens, str):
+            tokens = self.encode(tokens)
+        tokens = self._check_tokens(tokens, ndim=1)
+        n = tokens.shape[0]
+        if not isinstance(position, int) or not -n <= position < n:
+            raise ContextError(
+                f"position {position!r} is out of range for a prompt of {n} tokens "
+                f"(valid: {-n}..{n - 1})"
+            )
+        t = position % n
+        run = self.forward(tokens[: t + 1], granularity=granularity, cache=True)
+        assert run.k_cache is not None and run.v_cache is not None and run.z_heads is not None
+        assert run.resid_pre is not None and run.resid_mid is not None
+        readout_sites = self.readout_sites(granularity)
+        with torch.no_grad():
+            logits = run.logits[0, t]
+            target = int(torch.argmax(logits))
+            w, const = self.readout(target)
+            sigma = run.sigma[0, t]
+            site_values = torch.stack([run.values[s][0, t] for s in readout_sites])
+            direct = site_values @ w / sigma
+            centred = float(logits[target] - logits.mean())
+            heads = torch.stack(
+                [self.head_outputs(layer, zh[0, t]) for layer, zh in enumerate(run.z_heads)]
+            )
+            attn = torch.stack(
+                [self.attn_output(layer, zh[0, t]) for layer, zh in enumerate(run.z_heads)]
+            )
+        return CleanRun(
+            tokens=tokens,
+            position=t,
+            granularity=granularity,
+            readout_sites=readout_sites,
+            target=target,
+            logits=logits,
+            sigma=float(sigma),
+            readout_dir=w,
+            readout_const=float(const),
+            site_values=site_values,
+            direct_effects=direct,
+            centred_logit=centred,
+            _k=[k[0, :t] for k in run.k_cache],
+            _v=[v[0, :t] for v in run.v_cache],
+            _resid_pre=torch.stack([r[0, t] for r in run.resid_pre]),
+            _resid_mid=torch.stack([r[0, t] for r in run.resid_mid]),
+            _attn=attn,
+            _heads=heads,
+            _mlp=torch.stack([run.values[f"mlp.{lay}"][0, t] for lay in range(self.arch.n_layers)]),
+        )
+
+    # ---- fast patching -----------------------------------------------------------------------
+    def patch(self, clean: CleanRun, sites: list[str], values: Tensor) -> PatchedRun:
+        """do(site_s = values[s, p]) at the clean run's position t, for every (s, p) at once.
+
+        values [S, P, d] -> :class:`PatchedRun` with, per row, every readout site's direct effect
+        (c . w_i) / sigma at that run's own sigma (Eq 13), the centred target logit from the
+        patched final residual, and the total effect against the clean run (Eq 12).
+        ``attn.l.hH = v`` replaces that head's contribution only: attn.l becomes
+        clean attn.l - clean head + v. Patching a whole ``attn.l`` is refused for a
+        head-granularity clean run (its heads would have no values to read out).
+
+        How it is fast (and still exact): an intervention at t in layer l changes nothing at
+        positions before t and nothing below l, so only position t is recomputed, from the
+        site's layer upward, against the clean run's cached keys/values of the earlier
+        positions. Rows are sorted by entry layer, so the rows active at layer l are a
+        contiguous prefix that grows with l, and every block method runs once per layer on
+        that whole prefix. The vocabulary projection is never computed: the readout is linear.
+        """
+        if not isinstance(clean, CleanRun):
+            raise InterventionError(f"patch needs a CleanRun from clean_run(), got {type(clean)}")
+        if isinstance(sites, str):
+            raise ShapeError(f"sites must be a list of site names, got the string {sites!r}")
+        parsed = [self.site(s) for s in sites]
+        d, n_layers = self.arch.d_model, self.arch.n_layers
+        if len(clean._k) != n_layers or clean.site_values.shape[-1] != d:
+            raise InterventionError("this CleanRun was made by a different model")
+        n_sites = len(parsed)
+        values = torch.as_tensor(values)
+        if n_sites == 0 or values.ndim != 3 or values.shape[0] != n_sites or values.shape[2] != d:
+            raise ShapeError(
+                f"values must have shape [n_sites={n_sites}, n_patches, d={d}] for sites "
+                f"{list(sites)[:4]}{'...' if n_sites > 4 else ''}, got {tuple(values.shape)}"
+            )
+        n_patch = values.shape[1]
+        if n_patch == 0:
+            raise ShapeError(f"values has no patches: shape {tuple(values.shape)}")
+        values = values.to(device=self.device, dtype=self.dtype)
+        finite = torch.isfinite(values).all(dim=(1, 2))
+        if not bool(finite.all()):
+            bad = sites[int((~finite).nonzero()[0])]
+            raise NonFiniteError(f"the values for site {bad!r} contain NaN or inf")
+        head_gran = clean.granularity == "head"
+        if head_gran:
+            for s in parsed:
+                if s.kind == "attn":
+                    raise InterventionError(
+                        f"cannot patch the whole layer {s.name!r} in a head-granularity clean "
+                        "run: its heads would have no values to read out; patch its heads "
+                        f"('{s.name}.h0', ...) or use a clean run with granularity='layer'"
+                    )
+        with torch.no_grad():
+            return self._patch(clean, parsed, values, head_gran)
+
+    def _patch(
+        self, clean: CleanRun, parsed: list[Site], values: Tensor, head_gran: bool
+    ) -> PatchedRun:
+        assert clean._resid_pre is not None and clean._resid_mid is not None
+        assert clean._attn is not None and clean._heads is not None and clean._mlp is not None
+        n_sites, n_patch, d = values.shape
+        n_rows = n_sites * n_patch
+        n_heads = self.arch.n_heads
+        dev = values.device
+        col = {name: j for j, name in enumerate(clean.readout_sites)}
+        w = clean.readout_dir
+
+        # Entry key: embed -1; attention site of layer l: 2l; MLP site of layer l: 2l + 1.
+        keys = [-1 if s.kind == "embed" else 2 * s.layer + (s.kind == "mlp") for s in parsed]
+        order = sorted(range(n_sites), key=keys.__getitem__)
+        order_t = torch.tensor(order, device=dev)
+        vals = values[order_t].reshape(n_rows, d)
+        row_key = torch.tensor([keys[i] for i in order], device=dev).repeat_interleave(n_patch)
+        row_head = torch.tensor([parsed[i].head for i in order], device=dev)
+        row_head = row_head.repeat_interleave(n_patch)
+
+        def bound(k: int) -> int:  # number of rows whose entry key is < k
+            return int(torch.searchsorted(row_key, torch.tensor(k, device=dev)))
+
+        num = (clean.site_values @ w).expand(n_rows, -1).clone()  # c . w_i per row, readout site
+        vals_w = vals @ w
+        z = torch.empty(n_rows, d, dtype=values.dtype, device=dev)
+        n_embed = bound(0)
+        z[:n_embed] = vals[:n_embed]
+        num[:n_embed, col["embed"]] = vals_w[:n_embed]
+        parallel = self.arch.parallel_residual
+        for layer in range(self.arch.n_layers):
+            run, a_end, m_end = bound(2 * layer), bound(2 * layer + 1), bound(2 * layer + 2)
+            if m_end == 0:
+                continue
+            mcol = col[f"mlp.{layer}"]
+            hcol = col[f"attn.{layer}.h0"] if head_gran else -1
+            acol = -1 if head_gran else col[f"attn.{layer}"]
+            pre = clean._resid_pre[layer]
+            # 1. rows already running: recompute attention at t against the cached prefix.
+            parts = []
+            if run > 0:
+                zh = self._attend_final(layer, z[:run], clean)
+                if head_gran:
+                    hc = self.head_outputs(layer, zh)  # [run, H, d]
+                    a_run = hc.sum(-2)
+                    num[:run, hcol : hcol + n_heads] = hc @ w
+                else:
+                    a_run = self.attn_output(layer, zh)
+                    num[:run, acol] = a_run @ w
+                parts.append(a_run)
+            # 2. rows entering at this layer's attention: their patched attention output.
+            if a_end > run:
+                v = vals[run:a_end]
+                heads = row_head[run:a_end]
+                is_head = heads >= 0
+                a_ent = v.clone()
+                if bool(is_head.any()):
+                    hsel = heads[is_head]
+                    a_ent[is_head] = clean._attn[layer] - clean._heads[layer, hsel] + v[is_head]
+                if head_gran:  # all entering attention rows are heads here
+                    rows = torch.arange(run, a_end, device=dev)
+                    num[rows, hcol + heads] = vals_w[run:a_end]
+                else:
+                    num[run:a_end, acol] = a_ent @ w
+                parts.append(a_ent)
+            a_all = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
+            if not parallel:
+                if a_all is not None:
+                    z[run:a_end] = pre
+                    z[:a_end] += a_all
+                    m = self.mlp(layer, z[:a_end])
+                    num[:a_end, mcol] = m @ w
+                    z[:a_end] += m
+                if m_end > a_end:  # rows entering at this layer's MLP
+                    z[a_end:m_end] = clean._resid_mid[layer] + vals[a_end:m_end]
+                    num[a_end:m_end, mcol] = vals_w[a_end:m_end]
+            else:
+                if run > 0:
+                    m = self.mlp(layer, z[:run])  # reads the same residual as the attention
+                    num[:run, mcol] = m @ w
+                    z[:run] += parts[0] + m
+                if a_end > run:
+                    z[run:a_end] = pre + parts[-1] + clean._mlp[layer]
+                if m_end > a_end:
+                    z[a_end:m_end] = pre + clean._attn[layer] + vals[a_end:m_end]
+                    num[a_end:m_end, mcol] = vals_w[a_end:m_end]
+        sigma = self.final_scale(z)
+        direct = num / sigma[:, None]
+        centred = self.centred_logit(z, clean.target)
+        inv = torch.argsort(order_t)
+        n_read = len(clean.readout_sites)
+        direct = direct.view(n_sites, n_patch, n_read)[inv]
+        sigma = sigma.view(n_sites, n_patch)[inv]
+        centred = centred.view(n_sites, n_patch)[inv]
+        return PatchedRun(
+            sites=[s.name for s in parsed],
+            readout_sites=list(clean.readout_sites),
+            direct_effects=direct,
+            sigma=sigma,
+            centred_logit=centred,
+            total_effect=centred - clean.centred_logit,
+        )
+
+    def _attend_final(self, layer: int, resid: Tensor, clean: CleanRun) -> Tensor:
+        """Heads at the readout position t for rows of residuals [N, d] -> [N, H, dh].
+
+        Each row's own key/value at t is recomputed; the keys/values of the positions before t
+        are the clean run's (shared by all rows, unchanged by an intervention at t).
+        """
+        t = clean.position
+        pos = torch.tensor([t], device=resid.device)
+        q, k, v = self.qkv(layer, resid[:, None, :], pos)  # [N, 1, H(kv), dh]
+        n = resid.shape[0]
+        k_prev, v_prev = clean._k[layer], clean._v[layer]  # [t, Hkv, dh]
+        keys = torch.cat([k_prev.expand(n, *k_prev.shape), k], dim=1)
+        vals = torch.cat([v_prev.expand(n, *v_prev.shape), v], dim=1)
+        k_pos = torch.arange(t + 1, device=resid.device)
+        return self.attend(layer, q, keys, vals, pos, k_pos)[:, 0]
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in ("layer", "head"):
+        raise CausalNetError(f"granularity must be 'layer' or 'head', got {granularity!r}")
