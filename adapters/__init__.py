@@ -1,0 +1,93 @@
+"""Transformer adapters: a Hugging Face causal LM seen as a residual stream of sites.
+
+Usage::
+
+    from causalnet.adapters import load
+    adapter = load("smollm2-135m")                      # the bundled real model, no download
+    clean = adapter.clean_run(adapter.encode("The Eiffel Tower is in the city of"))
+    clean.direct_effects                                 # Delta_unembed per site (Eq 10)
+    run = adapter.patch(clean, ["attn.18"], values)      # do(attn.18 = v), values [1, P, d]
+
+:func:`adapt` wraps a model object you already have; :func:`load` also reads a local Hugging Face
+folder. The family is picked from ``model.config.model_type`` (:data:`SUPPORTED_FAMILIES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from causalnet.errors import UnsupportedModelError
+
+from .base import (
+    Architecture,
+    CleanRun,
+    FullRun,
+    Granularity,
+    HookPoints,
+    PatchedRun,
+    TransformerAdapter,
+)
+
+# model_type -> (adapter module, adapter class, what it covers)
+_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llama": ("llama", "LlamaAdapter", "Llama family (LlamaForCausalLM, SmolLM2)"),
+    "mistral": ("llama", "LlamaAdapter", "Llama family (MistralForCausalLM)"),
+    "qwen2": ("llama", "LlamaAdapter", "Llama family (Qwen2ForCausalLM)"),
+    "gpt2": ("gpt2", "GPT2Adapter", "GPT-2 (GPT2LMHeadModel)"),
+    "gpt_neox": ("neox", "NeoXAdapter", "GPT-NeoX / Pythia (GPTNeoXForCausalLM)"),
+}
+
+#: ``config.model_type`` values that :func:`adapt` handles, with the family they map to.
+SUPPORTED_FAMILIES: dict[str, str] = {k: v[2] for k, v in _FAMILIES.items()}
+
+
+def adapt(model: nn.Module, tokenizer: Any = None) -> TransformerAdapter:
+    """Wrap a Hugging Face causal LM (weights by reference) in its family's adapter.
+
+    Picks the family from ``model.config.model_type``; raises UnsupportedModelError listing
+    the supported families otherwise. The model is put in eval mode.
+    """
+    import importlib
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FAMILIES:
+        listed = ", ".join(f"{k!r} ({v})" for k, v in SUPPORTED_FAMILIES.items())
+        raise UnsupportedModelError(
+            f"no adapter for {type(model).__name__} with model_type={model_type!r}; "
+            f"supported model_type values: {listed}"
+        )
+    module_name, class_name, _ = _FAMILIES[model_type]
+    module = importlib.import_module(f".{module_name}", __name__)
+    adapter = getattr(module, class_name)(model, tokenizer)
+    model.eval()
+    return adapter
+
+
+def load(
+    name_or_path_or_model: str | nn.Module,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    tokenizer: Any = None,
+) -> TransformerAdapter:
+    """An adapter for ``"smollm2-135m"`` (the bundled model), a local Hugging Face folder, or
+    a model object. Nothing is ever downloaded; see :mod:`causalnet.adapters.loading`."""
+    from .loading import load as _load
+
+    return _load(name_or_path_or_model, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "Architecture",
+    "CleanRun",
+    "FullRun",
+    "Granularity",
+    "HookPoints",
+    "PatchedRun",
+    "TransformerAdapter",
+    "adapt",
+    "load",
+]
