@@ -1,0 +1,659 @@
+"""The results folder of a Hydra sweep: written as it goes, atomically, resumable after SIGKILL.
+
+Layout of a results folder::
+
+    run.json                the run's arguments and bookkeeping (below)
+    shards/                 one small parquet file per finished prompt and table:
+        <key>.patches.parquet     (only for prompts whose per-patch rows were given)
+        <key>.readouts.parquet
+        <key>.effects.parquet     written last: its presence marks the prompt complete
+    effects.parquet         consolidated tables (:meth:`ResultsStore.consolidate`)
+    readouts.parquet
+    patches.parquet         (when any prompt kept its per-patch rows)
+
+``<key>`` encodes the prompt id reversibly: ``i<int>`` for an int id, ``s<base64url of the
+UTF-8 string>`` for a str id, so the completed ids are read from file names alone.
+
+**Kill safety.** Every file is written to a hidden temporary file in its final folder and then
+``os.replace``-d into place, which is atomic on POSIX: a process killed at any instant leaves
+each file either complete or absent (plus perhaps a stray ``.*.tmp``, removed at the next
+:meth:`~ResultsStore.open`). A prompt counts as completed once its effects shard exists, and the
+effects shard is written after the prompt's other shards, so a kill between them leaves orphan
+readouts/patches shards that the next open removes and the resumed sweep writes again. The
+folder is guarded by an advisory ``flock`` on ``.lock`` (released by the kernel when the process
+dies), so two processes never write one folder. Durability against power loss (fsync) is not
+attempted; a corrupt shard is reported by name at consolidation.
+
+**Determinism.** Rows are validated, cast to fixed column types (:data:`EFFECTS_SCHEMA`, ...)
+and sorted when a shard is written (sites in residual order, :func:`site_sort_key`);
+consolidation streams the shards in sorted prompt-id order (ints numerically, strings by code
+point) into fixed-size row groups. The final files therefore depend only on the set of rows,
+not on the order or the number of sessions that wrote them: a killed-and-resumed run yields the
+same bytes as an uninterrupted one.
+
+**run.json**::
+
+    {"format": 1,
+     "args": {...},                 # the sweep's arguments, as given to open()
+     "created_at": "...",           # UTC, ISO 8601
+     "sessions": [{"started_at", "library_version", "completed_before", "ignored_args"}, ...],
+     "finalized_at": "...", "n_prompts": n, "info": {...}}   # set by finalize()
+
+On resume, ``args`` must equal the stored ones except for the keys in
+:data:`IGNORED_ARG_KEYS` (software versions and timing), whose values are recorded per session
+in ``sessions`` instead; any other difference raises :class:`ResultsError` listing the keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..errors import ResultsError, UnknownNodeError
+from ..sites import parse_site
+
+PromptId = int | str
+
+#: Argument keys that may differ between the sessions of one results folder: software versions
+#: and timing. Everything else in ``args`` must match exactly on resume.
+IGNORED_ARG_KEYS = frozenset(
+    {
+        "library_version",
+        "torch_version",
+        "transformers_version",
+        "numpy_version",
+        "python_version",
+        "started_at",
+        "finished_at",
+        "timing",
+    }
+)
+
+SITE_KINDS = ("embed", "attn", "head", "mlp")
+
+_FLOAT = pa.float64()
+_INT = pa.int64()
+_STR = pa.string()
+
+
+def _fields(prompt_id_type: pa.DataType, spec: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema(
+        [pa.field("prompt_id", prompt_id_type, nullable=False)]
+        + [pa.field(name, t, nullable=(name == "source_id")) for name, t in spec]
+    )
+
+
+_EFFECTS_SPEC = [
+    ("site", _STR),
+    ("kind", _STR),
+    ("layer", _INT),
+    ("head", _INT),
+    ("target_token", _INT),
+    ("target_str", _STR),
+    ("target_is_true", pa.bool_()),
+    ("direct_effect", _FLOAT),
+    ("total_effect", _FLOAT),
+    ("total_effect_std", _FLOAT),
+    ("direct_effect_ablated_self", _FLOAT),
+    ("compensatory_effect", _FLOAT),
+    ("compensatory_attn", _FLOAT),
+    ("compensatory_mlp", _FLOAT),
+    ("delta_de_upstream", _FLOAT),
+    ("clean_centred_logit", _FLOAT),
+    ("sources", _STR),
+]
+_READOUTS_SPEC = [
+    ("ablated_site", _STR),
+    ("readout_site", _STR),
+    ("direct_effect_clean", _FLOAT),
+    ("direct_effect_ablated", _FLOAT),
+    ("delta_de", _FLOAT),
+]
+_PATCHES_SPEC = [
+    ("ablated_site", _STR),
+    ("patch", _INT),
+    ("source_id", _STR),
+    ("readout_site", _STR),
+    ("direct_effect_ablated", _FLOAT),
+]
+
+#: Column types of the three tables, for int prompt ids (str ids: ``prompt_id`` is a string).
+EFFECTS_SCHEMA = _fields(_INT, _EFFECTS_SPEC)
+READOUTS_SCHEMA = _fields(_INT, _READOUTS_SPEC)
+PATCHES_SCHEMA = _fields(_INT, _PATCHES_SPEC)
+
+
+@dataclass(frozen=True)
+class _Table:
+    name: str
+    spec: list[tuple[str, pa.DataType]]
+    sites: tuple[str, ...]  # columns holding site names, in sort order
+    key: tuple[str, ...]  # columns that identify a row within a prompt
+
+    def schema(self, id_type: type) -> pa.Schema:
+        return _fields(_INT if id_type is int else _STR, self.spec)
+
+
+_TABLES = {
+    "effects": _Table("effects", _EFFECTS_SPEC, ("site",), ("site",)),
+    "readouts": _Table(
+        "readouts",
+        _READOUTS_SPEC,
+        ("ablated_site", "readout_site"),
+        ("ablated_site", "readout_site"),
+    ),
+    "patches": _Table(
+        "patches",
+        _PATCHES_SPEC,
+        ("ablated_site", "readout_site"),
+        ("ablated_site", "patch", "readout_site"),
+    ),
+}
+
+_ROW_GROUP_ROWS = 1 << 17
+_COMPRESSION = "zstd"
+
+
+def site_sort_key(name: str) -> tuple[int, int, int]:
+    """Residual order of a site: ``embed``, then per layer ``attn.l``, its heads, ``mlp.l``."""
+    site = parse_site(name)
+    rank = {"embed": 0, "attn": 0, "head": 1, "mlp": 2}[site.kind]
+    return (site.layer, rank, site.head)
+
+
+def encode_prompt_id(prompt_id: PromptId) -> str:
+    """The file-name key of a prompt id (``i<int>`` or ``s<base64url>``); see the module doc."""
+    if isinstance(prompt_id, bool) or not isinstance(prompt_id, int | str):
+        raise ResultsError(f"prompt id {prompt_id!r} must be an int or a str")
+    if isinstance(prompt_id, int):
+        return f"i{prompt_id}"
+    key = "s" + base64.urlsafe_b64encode(prompt_id.encode("utf-8")).decode("ascii").rstrip("=")
+    if len(key) > 200:
+        raise ResultsError(f"prompt id {prompt_id[:40]!r}... is too long for a shard file name")
+    return key
+
+
+def decode_prompt_id(key: str) -> PromptId:
+    """Inverse of :func:`encode_prompt_id`; ResultsError for a key it did not write."""
+    try:
+        if key.startswith("i"):
+            return int(key[1:])
+        if key.startswith("s"):
+            raw = key[1:] + "=" * (-len(key[1:]) % 4)
+            return base64.urlsafe_b64decode(raw.encode("ascii")).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeError) as err:
+        raise ResultsError(f"shard key {key!r} does not encode a prompt id: {err}") from err
+    raise ResultsError(f"shard key {key!r} does not encode a prompt id")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _normalise_args(args: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(args, dict):
+        raise ResultsError(f"run arguments must be a dict, got {type(args).__name__}")
+    try:
+        return json.loads(json.dumps(args, sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise ResultsError(f"run arguments are not JSON-serialisable: {err}") from err
+
+
+class ResultsStore:
+    """A results folder (see the module docstring for the layout and the guarantees).
+
+    Writing: ``open(args)``, then ``write_prompt(...)`` per finished prompt (skipping
+    ``completed_ids()``), then ``finalize(info)``. Reading: ``load_effects()``,
+    ``load_readouts()``, ``load_patches()``, ``load_run()`` (no ``open`` needed). Also a context
+    manager that releases the folder's lock on exit.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.run_path = self.path / "run.json"
+        self.shards = self.path / "shards"
+        self._lock_fd: int | None = None
+        self._done: set[PromptId] = set()
+        self._id_type: type | None = None
+        self._stale_checked = False
+
+    # ---- writing ---------------------------------------------------------------------------
+    def open(self, args: dict[str, Any], resume: bool = True) -> ResultsStore:
+        """Start or resume writing; returns self.
+
+        A new (or empty) folder gets ``run.json`` with ``args``. A folder that already holds a
+        run is resumed when ``resume`` is true and its stored arguments equal ``args`` (except
+        :data:`IGNORED_ARG_KEYS`); otherwise ResultsError. Leftover temporary files and orphan
+        shards of an interrupted prompt are removed.
+        """
+        norm = _normalise_args(args)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            run = self._open_run(norm, resume)
+            self._clean_leftovers()
+            self._done = set(self._scan_completed())
+            run["sessions"].append(
+                {
+                    "started_at": _now(),
+                    "library_version": __version__,
+                    "completed_before": len(self._done),
+                    "ignored_args": {k: norm[k] for k in sorted(norm) if k in IGNORED_ARG_KEYS},
+                }
+            )
+            _write_json(self.run_path, run)
+        except BaseException:
+            self.close()
+            raise
+        self._stale_checked = False
+        return self
+
+    def _open_run(self, args: dict[str, Any], resume: bool) -> dict[str, Any]:
+        if not self.run_path.exists():
+            if self.shards.exists() and any(self.shards.iterdir()):
+                raise ResultsError(
+                    f"{self.path} has shards/ but no run.json; it is not a results folder this "
+                    "library can resume"
+                )
+            self.shards.mkdir(exist_ok=True)
+            return {"format": 1, "args": args, "created_at": _now(), "sessions": []}
+        if not resume:
+            raise ResultsError(
+                f"{self.path} already holds a run (run.json); resume it or use another folder"
+            )
+        run = self.load_run()
+        stored = run.get("args")
+        if not isinstance(stored, dict):
+            raise ResultsError(f"{self.run_path} has no 'args' object")
+        keys = sorted((set(stored) | set(args)) - IGNORED_ARG_KEYS)
+        differ = [k for k in keys if stored.get(k, "<absent>") != args.get(k, "<absent>")]
+        if differ:
+            detail = "; ".join(
+                f"{k}: stored {stored.get(k, '<absent>')!r}, now {args.get(k, '<absent>')!r}"
+                for k in differ
+            )
+            raise ResultsError(
+                f"{self.path} was written with different arguments ({detail}); resume with the "
+                "same arguments or write to another folder"
+            )
+        has_consolidated = any((self.path / f"{t}.parquet").exists() for t in _TABLES)
+        if has_consolidated and not self.shards.is_dir():
+            raise ResultsError(
+                f"{self.path}: shards/ was removed after consolidation; the run cannot be resumed"
+            )
+        self.shards.mkdir(exist_ok=True)
+        return run
+
+    def _acquire_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            raise ResultsError(
+                f"{self.path} is being written by another process (lock {self.path / '.lock'})"
+            ) from err
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent). Nothing is lost: shards are already on disk."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._lock_fd is None:
+            raise ResultsError(f"{self.path}: call open(args) before writing")
+
+    def _clean_leftovers(self) -> None:
+        for folder in (self.path, self.shards):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink()
+        complete = {p.name.split(".")[0] for p in self.shards.glob("*.effects.parquet")}
+        for table in ("readouts", "patches"):
+            for shard in self.shards.glob(f"*.{table}.parquet"):
+                if shard.name.split(".")[0] not in complete:
+                    shard.unlink()
+
+    def _scan_completed(self) -> list[PromptId]:
+        ids = [
+            decode_prompt_id(p.name.split(".")[0])
+            for p in self.shards.glob("*.effects.parquet")
+            if not p.name.startswith(".")
+        ]
+        types = {type(i) for i in ids}
+        if len(types) > 1:
+            raise ResultsError(f"{self.shards} mixes int and str prompt ids")
+        self._id_type = types.pop() if types else self._id_type
+        return ids
+
+    def completed_ids(self) -> frozenset[PromptId]:
+        """Ids of the prompts whose rows are on disk (read from shard names when not open)."""
+        if self._lock_fd is None:
+            return frozenset(self._scan_completed()) if self.shards.is_dir() else frozenset()
+        return frozenset(self._done)
+
+    def write_prompt(
+        self,
+        prompt_id: PromptId,
+        effects_rows: pd.DataFrame,
+        readouts_rows: pd.DataFrame,
+        patches_rows: pd.DataFrame | None = None,
+    ) -> None:
+        """Write one finished prompt's rows atomically (see the module doc for kill safety).
+
+        Each frame has exactly the columns of its table (``prompt_id`` may be left out; when
+        present it must equal ``prompt_id``). Rows are validated (site names, kinds consistent
+        with ``site``, finite floats, no duplicate keys), cast to the table's column types and
+        sorted. ``patches_rows`` (per-patch readouts, Figure 1) is optional: give it for the
+        prompts whose patches should be kept. ``sources`` may be a list per row (joined with
+        ","); ``source_id`` is stored as a string. Raises ResultsError if the prompt is already
+        complete or the rows are malformed.
+        """
+        self._require_open()
+        if isinstance(prompt_id, np.integer):
+            prompt_id = int(prompt_id)
+        key = encode_prompt_id(prompt_id)
+        if self._id_type is not None and not isinstance(prompt_id, self._id_type):
+            raise ResultsError(
+                f"prompt id {prompt_id!r} is a {type(prompt_id).__name__}, but this folder's ids "
+                f"are {self._id_type.__name__}s"
+            )
+        if prompt_id in self._done:
+            raise ResultsError(f"{self.path}: prompt {prompt_id!r} is already complete")
+        tables = {
+            "effects": effects_rows,
+            "readouts": readouts_rows,
+            "patches": patches_rows,
+        }
+        arrow = {
+            name: _to_arrow(_TABLES[name], frame, prompt_id)
+            for name, frame in tables.items()
+            if frame is not None
+        }
+        if not self._stale_checked:  # consolidated files of an earlier session are now stale
+            for name in _TABLES:
+                (self.path / f"{name}.parquet").unlink(missing_ok=True)
+            self._stale_checked = True
+        for name in ("patches", "readouts", "effects"):  # effects last: the completion mark
+            if name in arrow:
+                shard = self.shards / f"{key}.{name}.parquet"
+                _atomic_write(shard, lambda tmp, t=arrow[name]: _write_parquet(t, tmp))
+        self._done.add(prompt_id)
+        self._id_type = type(prompt_id)
+
+    def consolidate(self) -> dict[str, Path]:
+        """Write ``effects.parquet``, ``readouts.parquet`` (and ``patches.parquet`` when any
+        prompt kept patches) from the shards, atomically; returns the paths written.
+
+        Raises ResultsError when there are no completed prompts, when a shard is unreadable or
+        holds another prompt's rows, or when rows are duplicated.
+        """
+        ids = self._sorted_ids()
+        written = {}
+        for name, table in _TABLES.items():
+            target = self.path / f"{name}.parquet"
+            if name == "patches" and not any(self._shard(i, name).exists() for i in ids):
+                target.unlink(missing_ok=True)
+                continue
+            schema = table.schema(type(ids[0]))
+
+            def write(tmp: Path, name: str = name, schema: pa.Schema = schema) -> None:
+                with pq.ParquetWriter(tmp, schema, compression=_COMPRESSION) as writer:
+                    for chunk in _row_groups(self._iter_shards(ids, name)):
+                        writer.write_table(chunk, row_group_size=_ROW_GROUP_ROWS)
+
+            _atomic_write(target, write)
+            written[name] = target
+        return written
+
+    def finalize(self, extra_run_info: dict[str, Any] | None = None) -> dict[str, Path]:
+        """Consolidate the shards, record ``finalized_at``, ``n_prompts`` and ``extra_run_info``
+        (timings, counts) in run.json (atomically), and release the lock. Returns the paths of
+        the consolidated tables. Shards are kept, so a later resume or re-finalize works."""
+        self._require_open()
+        try:
+            written = self.consolidate()
+            run = self.load_run()
+            run["finalized_at"] = _now()
+            run["n_prompts"] = len(self._done)
+            run["info"] = _normalise_args(dict(extra_run_info or {}))
+            _write_json(self.run_path, run)
+        finally:
+            self.close()
+        return written
+
+    # ---- reading ---------------------------------------------------------------------------
+    def load_run(self) -> dict[str, Any]:
+        """The contents of run.json."""
+        try:
+            data = json.loads(self.run_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ResultsError(f"{self.run_path} not found: not a results folder") from err
+        except (OSError, ValueError) as err:
+            raise ResultsError(f"{self.run_path} is unreadable: {err}") from err
+        if not isinstance(data, dict):
+            raise ResultsError(f"{self.run_path} does not hold a JSON object")
+        return data
+
+    def load_effects(self) -> pd.DataFrame:
+        """The effects table: one row per prompt and ablated site (module doc for columns)."""
+        return self._load("effects")
+
+    def load_readouts(self) -> pd.DataFrame:
+        """The readouts table: one row per prompt, ablated site and readout site."""
+        return self._load("readouts")
+
+    def load_patches(self) -> pd.DataFrame:
+        """The per-patch readouts of the prompts that kept them (possibly no rows)."""
+        return self._load("patches")
+
+    def _load(self, name: str) -> pd.DataFrame:
+        """The consolidated file if present, else the shards consolidated in memory."""
+        path = self.path / f"{name}.parquet"
+        if path.exists():
+            try:
+                return pq.read_table(path).to_pandas()
+            except (OSError, pa.ArrowException) as err:
+                raise ResultsError(f"{path} is unreadable: {err}") from err
+        ids = self._sorted_ids()
+        tables = list(self._iter_shards(ids, name))
+        schema = _TABLES[name].schema(type(ids[0]))
+        return pa.concat_tables(tables).to_pandas() if tables else schema.empty_table().to_pandas()
+
+    # ---- shards ----------------------------------------------------------------------------
+    def _sorted_ids(self) -> list[PromptId]:
+        if not self.shards.is_dir():
+            raise ResultsError(f"{self.path}: no results (no shards/ folder)")
+        ids = sorted(self._scan_completed())
+        if not ids:
+            raise ResultsError(f"{self.path}: no completed prompts yet")
+        return ids
+
+    def _shard(self, prompt_id: PromptId, name: str) -> Path:
+        return self.shards / f"{encode_prompt_id(prompt_id)}.{name}.parquet"
+
+    def _iter_shards(self, ids: list[PromptId], name: str) -> Iterator[pa.Table]:
+        """Each completed prompt's shard of table ``name``, checked, in sorted-id order.
+
+        Every completed prompt has effects and readouts shards; patches shards are optional.
+        """
+        table = _TABLES[name]
+        for pid in ids:
+            path = self._shard(pid, name)
+            if name == "patches" and not path.exists():
+                continue
+            try:
+                shard = pq.read_table(path)
+            except FileNotFoundError as err:
+                raise ResultsError(
+                    f"{path} is missing although prompt {pid!r} is complete"
+                ) from err
+            except (OSError, pa.ArrowException) as err:
+                raise ResultsError(
+                    f"{path} is unreadable ({err}); delete it and "
+                    f"{path.name.split('.')[0]}.effects.parquet, then resume"
+                ) from err
+            if not shard.schema.equals(table.schema(type(pid))):
+                raise ResultsError(f"{path}: columns {shard.schema} are not the {name} table's")
+            ids_in = set(shard.column("prompt_id").to_pylist())
+            if ids_in != {pid}:
+                raise ResultsError(
+                    f"{path} holds rows of prompt(s) {sorted(ids_in, key=str)[:5]}, expected "
+                    f"only {pid!r}: duplicated or misplaced rows"
+                )
+            _check_duplicates(table, shard.to_pandas(), str(path))
+            yield shard
+
+
+# ---- rows ---------------------------------------------------------------------------------
+
+
+def _to_arrow(table: _Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Table:
+    """Validate one prompt's rows of ``table``, sort them, and cast them to the table's schema."""
+    where = f"prompt {prompt_id!r}, {table.name} rows"
+    if not isinstance(frame, pd.DataFrame):
+        raise ResultsError(f"{where}: expected a pandas DataFrame, got {type(frame).__name__}")
+    if len(frame) == 0:
+        raise ResultsError(f"{where}: no rows")
+    frame = frame.reset_index(drop=True)
+    if "prompt_id" in frame.columns:
+        ids = pd.unique(frame["prompt_id"])
+        if len(ids) != 1 or ids[0] != prompt_id or isinstance(ids[0], bool | np.bool_):
+            raise ResultsError(
+                f"{where}: column prompt_id holds {pd.Series(ids).tolist()[:5]}, not {prompt_id!r}"
+            )
+    wanted = [name for name, _ in table.spec]
+    missing = [c for c in wanted if c not in frame.columns]
+    extra = [c for c in frame.columns if c not in wanted and c != "prompt_id"]
+    if missing or extra:
+        raise ResultsError(f"{where}: missing columns {missing}, unexpected columns {extra}")
+    frame = frame[wanted].copy()
+    frame.insert(0, "prompt_id", [prompt_id] * len(frame))
+    for col in table.sites:
+        for name in pd.unique(frame[col]):
+            if not isinstance(name, str):
+                raise ResultsError(f"{where}: column {col} holds {name!r}, not a site name")
+            try:
+                parse_site(name)
+            except UnknownNodeError as err:
+                raise ResultsError(f"{where}: column {col}: {err}") from err
+    if table.name == "effects":
+        _check_effects_sites(frame, where)
+        frame["sources"] = [
+            ",".join(str(s) for s in v) if isinstance(v, list | tuple | np.ndarray) else v
+            for v in frame["sources"]
+        ]
+    if table.name == "patches":
+        frame["source_id"] = [None if _is_missing(v) else str(v) for v in frame["source_id"]]
+    _check_duplicates(table, frame, where)
+    sort_cols = []
+    for col in table.key:
+        if col in table.sites:
+            order = {s: site_sort_key(s) for s in pd.unique(frame[col])}
+            ranked = sorted(order, key=order.__getitem__)
+            frame[f"_{col}_rank"] = frame[col].map({s: i for i, s in enumerate(ranked)})
+            sort_cols.append(f"_{col}_rank")
+        else:
+            sort_cols.append(col)
+    frame = frame.sort_values(sort_cols, kind="stable").drop(
+        columns=[c for c in sort_cols if c.startswith("_")]
+    )
+    for name, dtype in table.spec:
+        if dtype == _FLOAT:
+            try:
+                values = np.asarray(frame[name], dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise ResultsError(f"{where}: column {name} is not numeric: {err}") from err
+            if not np.isfinite(values).all():
+                bad = frame.iloc[int(np.flatnonzero(~np.isfinite(values))[0])]
+                raise ResultsError(
+                    f"{where}: column {name} is not finite at "
+                    + ", ".join(f"{c}={bad[c]!r}" for c in table.key)
+                )
+    schema = table.schema(type(prompt_id))
+    try:
+        arrow = pa.Table.from_pandas(frame, schema=schema, preserve_index=False, safe=True)
+    except (pa.ArrowException, TypeError, ValueError) as err:
+        raise ResultsError(f"{where}: values do not fit the column types: {err}") from err
+    arrow = arrow.replace_schema_metadata(None)
+    return arrow
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+
+
+def _check_effects_sites(frame: pd.DataFrame, where: str) -> None:
+    for row in frame[["site", "kind", "layer", "head"]].drop_duplicates().itertuples():
+        site = parse_site(row.site)
+        if (row.kind, row.layer, row.head) != (site.kind, site.layer, site.head):
+            raise ResultsError(
+                f"{where}: site {row.site!r} has kind/layer/head {row.kind!r}/{row.layer}/"
+                f"{row.head}, expected {site.kind!r}/{site.layer}/{site.head}"
+            )
+
+
+def _check_duplicates(table: _Table, frame: pd.DataFrame, where: str) -> None:
+    dup = frame.duplicated(list(table.key), keep=False)
+    if dup.any():
+        first = frame.loc[dup, list(table.key)].iloc[0].to_dict()
+        raise ResultsError(f"{where}: {int(dup.sum())} duplicate {table.name} rows, e.g. {first}")
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression=_COMPRESSION)
+
+
+def _row_groups(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """Concatenate consecutive tables into chunks of at least _ROW_GROUP_ROWS rows."""
+    pending: list[pa.Table] = []
+    rows = 0
+    for t in tables:
+        pending.append(t)
+        rows += t.num_rows
+        if rows >= _ROW_GROUP_ROWS:
+            yield pa.concat_tables(pending)
+            pending, rows = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
