@@ -124,10 +124,14 @@ def draw(scm: SCM, do: Mapping[str, Any] | None = None, ax: Axes | None = None) 
 
     hard = {n for n, v in interventions.items() if isinstance(v, Ablation) or not callable(v)}
     for a, b in structure.edges:
+        (ax_, ay), (bx, by) = pos[a], pos[b]
+        # edges skipping a column arc around the nodes between, alternately above and below
+        rad = 0.0 if bx - ax_ <= 1 or ay != by else (-0.5 if int(ax_) % 2 == 0 else 0.5)
+        style = f"arc3,rad={rad}"
         if b in hard:  # in-edge cut by the intervention
-            arrow(pos[a], pos[b], color="0.75", linestyle=":", connectionstyle="arc3,rad=0.1")
+            arrow(pos[a], pos[b], color="0.6", linestyle=":", linewidth=1.5, connectionstyle=style)
         else:
-            arrow(pos[a], pos[b], color="black", connectionstyle="arc3,rad=0.1")
+            arrow(pos[a], pos[b], color="black", connectionstyle=style)
     for name, (px, py) in pos.items():
         exo = scm.is_exogenous(name)
         face = "#f4a6a6" if name in interventions else ("0.85" if exo else "white")
