@@ -96,7 +96,8 @@ def draw(scm: SCM, do: Mapping[str, Any] | None = None, ax: Axes | None = None) 
     ``ax`` is None).
 
     >>> scm = SCM(); scm.add_exogenous("u"); scm.add_node("x", ["u"], lambda u: u)
-    >>> draw(scm, do={"x": 0.0}).figure.savefig("/tmp/causalnet_doctest.png")
+    >>> import io
+    >>> draw(scm, do={"x": 0.0}).figure.savefig(io.BytesIO(), format="png")
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch

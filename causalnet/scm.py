@@ -76,6 +76,7 @@ class SCM:
         self._parents: dict[str, tuple[str, ...]] = {}
         self._fns: dict[str, Mechanism] = {}
         self._interventions: dict[str, DoValue] = {}
+        self._waiting: dict[str, list[str]] = {}  # undeclared parent -> children listing it
 
     # ---- building -------------------------------------------------------------------------
     def add_exogenous(self, name: str) -> None:
@@ -119,9 +120,10 @@ class SCM:
         for p in self._parents.get(name, ()):
             if p in self._structure:
                 self._structure.add_edge(p, name)
-        for child, parents in self._parents.items():
-            if name in parents:
-                self._structure.add_edge(name, child)
+            else:
+                self._waiting.setdefault(p, []).append(name)
+        for child in self._waiting.pop(name, ()):
+            self._structure.add_edge(name, child)
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -229,6 +231,7 @@ class SCM:
         out._parents = dict(self._parents)
         out._fns = dict(self._fns)
         out._interventions = {**self._interventions, **new}
+        out._waiting = {p: list(c) for p, c in self._waiting.items()}
         return out
 
     def check_interventions(self, do: Mapping[str, DoValue]) -> None:
@@ -238,9 +241,15 @@ class SCM:
         for name, value in do.items():
             self.check_node(name, endogenous=True, role="intervention target")
             if not (isinstance(value, (numbers.Number, Tensor)) or callable(value)):
+                hint = (
+                    "; an ablation distribution is a value for the effect functions "
+                    "(total_effect, ...), which average over its draws"
+                    if hasattr(value, "n_draws") and hasattr(value, "sample")
+                    else ""
+                )
                 raise InterventionError(
                     f"do value for node {name!r} must be a number, a tensor or a callable, "
-                    f"got {type(value).__name__}"
+                    f"got {type(value).__name__}{hint}"
                 )
 
     # ---- evaluation -------------------------------------------------------------------------

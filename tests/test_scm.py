@@ -403,3 +403,29 @@ def test_exception_inside_a_mechanism_names_the_node() -> None:
     with pytest.raises(RuntimeError) as err:
         scm.run({"u": U})
     assert any("'boom'" in note for note in getattr(err.value, "__notes__", []))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "causalnet.scm",
+        "causalnet.effects",
+        "causalnet.ablations",
+        "causalnet.graph",
+        "causalnet.toys",
+    ],
+)
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_an_ablation_given_to_run_points_to_the_effect_functions() -> None:
+    from causalnet import Resample
+
+    with pytest.raises(InterventionError, match="'x'.*effect functions"):
+        chain().run({"u": U}, do={"x": Resample()})
