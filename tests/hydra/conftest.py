@@ -9,6 +9,8 @@ Delta_DE(upstream) holds exactly, and CE ~ restore * removed direct effect.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -128,7 +130,9 @@ def synthetic_tables(**kwargs) -> dict[str, pd.DataFrame]:
     }
 
 
-@pytest.fixture
-def tables() -> dict[str, pd.DataFrame]:
-    """Synthetic layer-granularity tables: 12 prompts, 6 layers, 3 patches."""
-    return synthetic_tables(n_prompts=12, n_layers=6)
+@pytest.fixture(scope="session")
+def synth() -> SimpleNamespace:
+    """The generators, as a fixture (test modules need not import this conftest by name)."""
+    return SimpleNamespace(
+        prompts=synthetic_prompts, tables=synthetic_tables, site_names=site_names
+    )

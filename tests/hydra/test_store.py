@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import synthetic_prompts
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,8 +40,8 @@ FINAL = ("effects.parquet", "readouts.parquet", "patches.parquet")
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    return synthetic_prompts(n_prompts=5, n_layers=3, n_patches=2, seed=1)
+def prompts(synth):
+    return synth.prompts(n_prompts=5, n_layers=3, n_patches=2, seed=1)
 
 
 def _write(store, prompts, ids, patches_for=(0,)):
@@ -254,8 +253,8 @@ def test_malformed_rows_raise_results_error_naming_the_prompt(prompts, tmp_path,
     assert store.completed_ids() == frozenset() and not list((tmp_path / "shards").iterdir())
 
 
-def test_string_ids_keep_a_string_column_and_cannot_mix_with_ints(tmp_path):
-    prompts = synthetic_prompts(n_prompts=3, n_layers=2, n_heads=2, n_patches=2, str_ids=True)
+def test_string_ids_keep_a_string_column_and_cannot_mix_with_ints(tmp_path, synth):
+    prompts = synth.prompts(n_prompts=3, n_layers=2, n_heads=2, n_patches=2, str_ids=True)
     store = ResultsStore(tmp_path).open(ARGS)
     for pid, t in prompts.items():
         store.write_prompt(pid, t["effects"], t["readouts"], t["patches"])
