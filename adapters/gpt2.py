@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError, ShapeError
 
-from .base import Architecture, TransformerAdapter
+from .base import Architecture, HookPoints, TransformerAdapter
 
 
 def _layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
@@ -184,3 +184,14 @@ class GPT2Adapter(TransformerAdapter):
         """``w_i = centre(g * u_i)``, ``const_i = b . u_i`` for ln_f's gain g and bias b."""
         ln = self._tr.ln_f
         return _centred_readout(ln.weight, ln.bias, self._head.weight, self._head.bias, token)
+
+    # ---- hooks for the naive oracle ----------------------------------------------------------
+    def hook_points(self, layer: int) -> HookPoints:
+        """``(h[l], h[l].attn, h[l].mlp, h[l].attn.c_proj)``: the block's input is z^{l-1}, the
+        attention module's first output is attn.l, c_proj's input the heads' concatenation."""
+        block = self._tr.h[layer]
+        return HookPoints(block=block, attn=block.attn, mlp=block.mlp, o_proj=block.attn.c_proj)
+
+    def final_norm_module(self) -> nn.Module:
+        """``transformer.ln_f``, whose input is z^L."""
+        return self._tr.ln_f

@@ -33,7 +33,7 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, TransformerAdapter
+from .base import Architecture, HookPoints, TransformerAdapter
 from .gpt2 import _centred_readout, _layer_norm, _layer_norm_scale
 
 
@@ -173,3 +173,16 @@ class NeoXAdapter(TransformerAdapter):
         ln = self._body.final_layer_norm
         bias = getattr(self._head, "bias", None)
         return _centred_readout(ln.weight, ln.bias, self._head.weight, bias, token)
+
+    # ---- hooks for the naive oracle ----------------------------------------------------------
+    def hook_points(self, layer: int) -> HookPoints:
+        """``(layers[l], .attention, .mlp, .attention.dense)``: the layer's input is z^{l-1},
+        the attention module's first output is attn.l, dense's input the heads' concatenation."""
+        block = self._body.layers[layer]
+        return HookPoints(
+            block=block, attn=block.attention, mlp=block.mlp, o_proj=block.attention.dense
+        )
+
+    def final_norm_module(self) -> nn.Module:
+        """``gpt_neox.final_layer_norm``, whose input is z^L."""
+        return self._body.final_layer_norm

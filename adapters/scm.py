@@ -44,12 +44,12 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from causalnet.errors import ModelError, ShapeError
+from causalnet.errors import CausalNetError, ShapeError
 from causalnet.scm import SCM
 
 from .base import Granularity, TransformerAdapter
 
-__all__ = ["to_scm", "at_positions", "site_nodes"]
+__all__ = ["to_scm", "at_positions"]
 
 Positions = int | Sequence[int] | Tensor
 
@@ -95,23 +95,9 @@ def at_positions(value: Tensor | float, positions: Positions = -1) -> Callable[[
     return intervene
 
 
-def site_nodes(adapter: TransformerAdapter, granularity: Granularity = "layer") -> list[str]:
-    """The site nodes of :func:`to_scm`'s model in residual-stream order (Eq 21).
-
-    ``["embed", "attn.0", "mlp.0", ...]``, or with ``attn.l.h0 .. attn.l.h{H-1}`` in place of
-    ``attn.l`` at head granularity.
-    """
-    _check_granularity(granularity)
-    names = ["embed"]
-    for layer in range(adapter.arch.n_layers):
-        names += _attn_names(adapter, layer, granularity)
-        names.append(f"mlp.{layer}")
-    return names
-
-
 def _check_granularity(granularity: str) -> None:
     if granularity not in ("layer", "head"):
-        raise ModelError(f"granularity must be 'layer' or 'head', got {granularity!r}")
+        raise CausalNetError(f"granularity must be 'layer' or 'head', got {granularity!r}")
 
 
 def _attn_names(adapter: TransformerAdapter, layer: int, granularity: Granularity) -> list[str]:
@@ -120,23 +106,14 @@ def _attn_names(adapter: TransformerAdapter, layer: int, granularity: Granularit
     return [f"attn.{layer}.h{h}" for h in range(adapter.arch.n_heads)]
 
 
-def _causal_attention(adapter: TransformerAdapter, layer: int, resid: Tensor) -> Tensor:
-    """Causal self-attention of ``layer`` on the residual it reads: [B, T, d] -> z [B, T, H, dh].
+def _heads_z(adapter: TransformerAdapter, layer: int, resid: Tensor) -> Tensor:
+    """Layer ``layer``'s heads before the output projection, z [B, T, H, dh] (Eq 5).
 
-    ``z_t = sum_{s <= t} softmax_s(q_t . k_s * attn_scale) v_s`` per head (Eq 5), with key/value
-    heads shared by ``H / H_kv`` query heads (grouped-query attention).
+    The adapter's shared causal attention (:meth:`TransformerAdapter.attention`: grouped
+    key/value heads, sliding windows) over the full sequence read at positions 0 .. T-1.
     """
-    n_tokens = resid.shape[-2]
-    positions = torch.arange(n_tokens, device=resid.device)
-    q, k, v = adapter.qkv(layer, resid, positions)
-    group = adapter.arch.n_heads // adapter.arch.n_kv_heads
-    if group > 1:
-        k = k.repeat_interleave(group, dim=-2)
-        v = v.repeat_interleave(group, dim=-2)
-    scores = torch.einsum("...qhk,...shk->...hqs", q, k) * adapter.attn_scale
-    causal = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=resid.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    return torch.einsum("...hqs,...shk->...qhk", scores.softmax(-1), v)
+    positions = torch.arange(resid.shape[-2], device=resid.device)
+    return adapter.attention(layer, resid, positions)
 
 
 class _HeadOutputs:
@@ -156,7 +133,7 @@ class _HeadOutputs:
     def __call__(self, resid: Tensor) -> Tensor:
         key = self._key
         if key is None or key[0] is not resid or key[1] != resid._version:
-            z = _causal_attention(self.adapter, self.layer, resid)
+            z = _heads_z(self.adapter, self.layer, resid)
             self._value = self.adapter.head_outputs(self.layer, z)  # [B, T, H, d]
             self._key = (resid, resid._version)
         assert self._value is not None
@@ -165,7 +142,7 @@ class _HeadOutputs:
 
 def _attention_layer(adapter: TransformerAdapter, layer: int, resid: Tensor) -> Tensor:
     """``attn.l`` = the layer's attention output a^l [B, T, d] (Eq 5)."""
-    return adapter.attn_output(layer, _causal_attention(adapter, layer, resid))
+    return adapter.attn_output(layer, _heads_z(adapter, layer, resid))
 
 
 def _head(heads: _HeadOutputs, head: int, resid: Tensor) -> Tensor:
