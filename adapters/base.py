@@ -580,7 +580,9 @@ class TransformerAdapter(ABC):
             )
         n_patch = values.shape[1]
         if n_patch == 0:
-            raise ShapeError(f"values has no patches: shape {tuple(values.shape)}")
+            raise ShapeError(
+                f"values for sites {list(sites)[:4]} have no patches: shape {tuple(values.shape)}"
+            )
         values = values.to(device=self.device, dtype=self.dtype)
         finite = torch.isfinite(values).all(dim=(1, 2))
         if not bool(finite.all()):

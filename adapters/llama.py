@@ -161,6 +161,7 @@ class LlamaAdapter(TransformerAdapter):
         """``pi = norm(z) W_U^T`` (Eq 3) through the model's own final norm and lm_head."""
         return self._head(self._body.norm(resid))
 
+    @torch.no_grad()
     def _centred_unembed(self, token: int) -> tuple[Tensor, float]:
         w_u = self._head.weight
         if not 0 <= token < w_u.shape[0]:
@@ -170,11 +171,13 @@ class LlamaAdapter(TransformerAdapter):
         const = 0.0 if bias is None else float(bias[token] - bias.mean())
         return u, const
 
+    @torch.no_grad()
     def readout(self, token: int) -> tuple[Tensor, float]:
         """``w_i = G * (W_U[i] - mean_j W_U[j])``, ``const_i = 0`` (+ a centred lm_head bias)."""
         u, const = self._centred_unembed(token)
         return self._body.norm.weight * u, const
 
+    @torch.no_grad()
     def centred_logit(self, resid: Tensor, token: int) -> Tensor:
         """``norm(z) . (W_U[i] - mean_j W_U[j])`` through the model's own final norm (Eq 9)."""
         u, const = self._centred_unembed(token)

@@ -1,0 +1,148 @@
+"""Shared tiny-model fixtures for the adapter tests (seeded random weights, no download).
+
+``TINY_MODELS`` maps an id to a builder ``() -> Hugging Face causal LM``; the ``tiny`` fixture
+runs every test that asks for it on every entry, in float32 AND float64.
+
+HOW TO ADD A FAMILY (GPT-2, GPT-NeoX engineers): add entries to ``TINY_MODELS``, e.g.::
+
+    "gpt2": lambda: _build(GPT2LMHeadModel, GPT2Config(n_embd=64, n_layer=3, n_head=4,
+                                                        vocab_size=101, n_positions=64)),
+    "neox-parallel": lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(...,
+                                                        use_parallel_residual=True)),
+
+``_build`` seeds the init, puts the model in eval mode and randomises every 1-D parameter (norm
+gains around 1, biases around 0), so that gains and biases are exercised, not left at 1 and 0.
+The family's adapter must implement ``hook_points`` / ``final_norm_module`` for the naive-oracle
+tests (``tests/adapters/test_base.py``), which then run on the new entries unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from causalnet.adapters import TransformerAdapter, adapt
+from torch import Tensor, nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 101
+PROMPT_LEN = 7
+
+
+def _build(cls: type, config: object, seed: int = 0) -> nn.Module:
+    """A seeded random model with randomised norm gains (~1) and biases (~0), in eval mode."""
+    torch.manual_seed(seed)
+    model = cls(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                noise = torch.randn(p.shape, generator=gen)
+                is_gain = "norm" in name or "ln" in name.split(".")[-2]
+                p.copy_(1.0 + 0.3 * noise if is_gain and name.endswith("weight") else 0.1 * noise)
+    return model.eval()
+
+
+def _llama_config(**kw: object) -> dict:
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        initializer_range=0.15,
+    )
+    base.update(kw)
+    return base
+
+
+TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
+    # Llama, tied embeddings, GQA (4 heads share 2 key/value heads)
+    "llama-tied-gqa": lambda: _build(
+        LlamaForCausalLM, LlamaConfig(**_llama_config(tie_word_embeddings=True))
+    ),
+    # Llama, untied lm_head, biases on every projection (o_proj bias split over heads)
+    "llama-untied-bias": lambda: _build(
+        LlamaForCausalLM,
+        LlamaConfig(
+            **_llama_config(
+                tie_word_embeddings=False,
+                attention_bias=True,
+                mlp_bias=True,
+                num_key_value_heads=4,
+            )
+        ),
+    ),
+    # Qwen2: q/k/v biases, untied
+    "qwen2-bias": lambda: _build(
+        Qwen2ForCausalLM, Qwen2Config(**_llama_config(tie_word_embeddings=False))
+    ),
+    # Mistral with a sliding window shorter than the prompt, 1 key/value head (MQA)
+    "mistral-window": lambda: _build(
+        MistralForCausalLM,
+        MistralConfig(**_llama_config(sliding_window=3, num_key_value_heads=1)),
+    ),
+}
+
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+# Tolerances (max abs difference) per dtype: forward logits vs Hugging Face, patch vs naive.
+LOGIT_ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+PATCH_ATOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+@dataclass
+class Tiny:
+    """One tiny model in one dtype, with its adapter and a seeded prompt."""
+
+    name: str
+    dtype: torch.dtype
+    model: nn.Module
+    adapter: TransformerAdapter
+    tokens: Tensor  # [PROMPT_LEN] int64
+
+    @property
+    def logit_atol(self) -> float:
+        return LOGIT_ATOL[self.dtype]
+
+    @property
+    def patch_atol(self) -> float:
+        return PATCH_ATOL[self.dtype]
+
+
+def make_tiny(name: str, dtype: torch.dtype) -> Tiny:
+    model = TINY_MODELS[name]().to(dtype)
+    gen = torch.Generator().manual_seed(123)
+    tokens = torch.randint(0, VOCAB, (PROMPT_LEN,), generator=gen)
+    return Tiny(name, dtype, model, adapt(model), tokens)
+
+
+@pytest.fixture(
+    params=[(m, d) for m in TINY_MODELS for d in DTYPES],
+    ids=[f"{m}-{d}" for m in TINY_MODELS for d in DTYPES],
+)
+def tiny(request: pytest.FixtureRequest) -> Tiny:
+    name, d = request.param
+    return make_tiny(name, DTYPES[d])
+
+
+@pytest.fixture(params=list(DTYPES), ids=list(DTYPES))
+def llama(request: pytest.FixtureRequest) -> Tiny:
+    """The plain tiny Llama (tied, GQA) in float32 and float64."""
+    return make_tiny("llama-tied-gqa", DTYPES[request.param])
+
+
+@pytest.fixture
+def tiny_factory() -> Callable[[str, torch.dtype], Tiny]:
+    """``tiny_factory(name, dtype)`` builds one entry of ``TINY_MODELS``."""
+    return make_tiny
