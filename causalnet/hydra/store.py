@@ -52,7 +52,7 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -478,27 +478,34 @@ class ResultsStore:
 
     def load_effects(self) -> pd.DataFrame:
         """The effects table: one row per prompt and ablated site (module doc for columns)."""
-        return self._load("effects")
+        return self._load("effects", None)
 
-    def load_readouts(self) -> pd.DataFrame:
-        """The readouts table: one row per prompt, ablated site and readout site."""
-        return self._load("readouts")
+    def load_readouts(self, prompt_ids: Iterable[PromptId] | None = None) -> pd.DataFrame:
+        """The readouts table: one row per prompt, ablated site and readout site; only the
+        rows of ``prompt_ids`` when given (read selectively: the full table can be large)."""
+        return self._load("readouts", prompt_ids)
 
-    def load_patches(self) -> pd.DataFrame:
-        """The per-patch readouts of the prompts that kept them (possibly no rows)."""
-        return self._load("patches")
+    def load_patches(self, prompt_ids: Iterable[PromptId] | None = None) -> pd.DataFrame:
+        """The per-patch readouts of the prompts that kept them (possibly no rows); only the
+        rows of ``prompt_ids`` when given."""
+        return self._load("patches", prompt_ids)
 
-    def _load(self, name: str) -> pd.DataFrame:
+    def _load(self, name: str, prompt_ids: Iterable[PromptId] | None) -> pd.DataFrame:
         """The consolidated file if present, else the shards consolidated in memory."""
+        wanted = None if prompt_ids is None else set(prompt_ids)
         path = self.path / f"{name}.parquet"
         if path.exists():
+            filters = None if not wanted else [("prompt_id", "in", sorted(wanted, key=str))]
             try:
-                return pq.read_table(path).to_pandas()
+                table = pq.read_table(path, filters=filters)
             except (OSError, pa.ArrowException) as err:
                 raise ResultsError(f"{path} is unreadable: {err}") from err
+            return (table.schema.empty_table() if wanted == set() else table).to_pandas()
         ids = self._sorted_ids()
-        tables = list(self._iter_shards(ids, name))
         schema = _TABLES[name].schema(type(ids[0]))
+        if wanted is not None:
+            ids = [i for i in ids if i in wanted]
+        tables = list(self._iter_shards(ids, name))
         return pa.concat_tables(tables).to_pandas() if tables else schema.empty_table().to_pandas()
 
     # ---- shards ----------------------------------------------------------------------------

@@ -88,6 +88,9 @@ def test_round_trip_keeps_values_sorted_rows_and_column_types(prompts, reference
     patches = store.load_patches()
     assert set(patches["prompt_id"]) == {0} and len(patches) == 7 * 2 * 7
     assert patches["source_id"].tolist()[:1] == ["1"]
+    assert set(store.load_readouts([3, 1])["prompt_id"]) == {1, 3}
+    assert store.load_patches([2]).empty and len(store.load_patches([0, 2])) == len(patches)
+    assert store.load_readouts([]).empty
     run = store.load_run()
     assert run["args"] == ARGS and run["n_prompts"] == 5
     assert run["info"] == {"time_total_s": 1.0} and run["finalized_at"]
@@ -273,6 +276,8 @@ def test_reading_before_finalize_and_stale_consolidated_files(prompts, tmp_path)
         store.load_effects()
     _write(store, prompts, [0, 2])
     assert sorted(ResultsStore(tmp_path).load_effects()["prompt_id"].unique()) == [0, 2]
+    assert set(ResultsStore(tmp_path).load_readouts([2, 4])["prompt_id"]) == {2}
+    assert ResultsStore(tmp_path).load_patches([2]).empty
     store.finalize()
     resumed = ResultsStore(tmp_path).open(ARGS)
     assert (tmp_path / "effects.parquet").exists()
