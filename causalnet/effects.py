@@ -52,7 +52,7 @@ class _Setup:
     mediators: list[str]
 
     def tile(self, t: Tensor) -> Tensor:
-        return t if self.n_draws == 1 else t.repeat(self.n_draws, *([1] * (t.dim() - 1)))
+        return _tile(t, self.n_draws)
 
     def effect(self, y_after: Tensor, y: str, per_draw: bool) -> Tensor:
         d = y_after.unflatten(0, (self.n_draws, self.batch)) - self.natural[y]
@@ -102,13 +102,17 @@ def _setup(
         n_draws, x_value = draws.shape[0], draws.flatten(0, 1)
     else:
         n_draws, x_value = 1, value
-    setup = _Setup(natural, n_draws, batch, {}, x_value, {}, meds)
-    setup.ctx = {u: setup.tile(t) for u, t in ctx.items()}
-    setup.base_do = {
-        n: (v if callable(v) and not isinstance(v, Tensor) else setup.tile(natural[n]))
+    base_do = {  # fixed values are tiled; callables apply to the tiled batch as it is
+        n: (v if callable(v) and not isinstance(v, Tensor) else _tile(natural[n], n_draws))
         for n, v in scm.interventions.items()
     }
-    return setup
+    tiled_ctx = {u: _tile(t, n_draws) for u, t in ctx.items()}
+    return _Setup(natural, n_draws, batch, tiled_ctx, x_value, base_do, meds)
+
+
+def _tile(t: Tensor, n: int) -> Tensor:
+    """Repeat ``t`` ``n`` times along the batch: row ``k*B + b`` is row ``b``."""
+    return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
 
 
 def total_effect(
