@@ -19,6 +19,7 @@ Weights are read from the Hugging Face modules by reference at every call, never
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -41,23 +42,36 @@ def _layer_norm_scale(ln: nn.LayerNorm, x: Tensor) -> Tensor:
     return torch.sqrt(x.var(-1, unbiased=False) + ln.eps)
 
 
-def _centred_readout(
-    gain: Tensor, bias: Tensor | None, w_u: Tensor, head_bias: Tensor | None, token: int
+def _centred_unembed(w_u: Tensor, head_bias: Tensor | None, token: int) -> tuple[Tensor, float]:
+    """``u_i = W_U[i] - mean_j W_U[j]`` and the centred unembedding bias ``beta_i - mean(beta)``
+    (0 without a bias): the centred logit of i is ``norm(z) . u_i + that`` (Eq 9)."""
+    try:
+        token = operator.index(token)
+    except TypeError:
+        raise ModelError(f"token must be an integer id, got {token!r}") from None
+    if not 0 <= token < w_u.shape[0]:
+        raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
+    with torch.no_grad():
+        u = w_u[token] - w_u.mean(0)
+        const = 0.0 if head_bias is None else float(head_bias[token] - head_bias.mean())
+    return u, const
+
+
+def _layer_norm_readout(
+    ln: nn.LayerNorm, w_u: Tensor, head_bias: Tensor | None, token: int
 ) -> tuple[Tensor, float]:
     """LayerNorm readout (Eqs 9, 10, 24-28): ``w_i = centre(g * u_i)``, ``const_i = b . u_i``.
 
-    ``u_i = W_U[i] - mean_j W_U[j]``; an unembedding bias ``beta`` adds ``beta_i - mean(beta)``.
+    For ``LN(z) = g * centre(z) / sigma + b``: ``LN(z) . u_i = centre(z) . (g * u_i) / sigma
+    + b . u_i = z . centre(g * u_i) / sigma + b . u_i``; an unembedding bias ``beta`` adds
+    ``beta_i - mean(beta)``.
     """
-    if not 0 <= token < w_u.shape[0]:
-        raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
-    u = w_u[token] - w_u.mean(0)
-    gu = gain * u
-    w = gu - gu.mean()
-    const = 0.0
-    if bias is not None:
-        const += float(bias @ u)
-    if head_bias is not None:
-        const += float(head_bias[token] - head_bias.mean())
+    u, const = _centred_unembed(w_u, head_bias, token)
+    with torch.no_grad():
+        gu = ln.weight * u
+        w = gu - gu.mean()
+        if ln.bias is not None:
+            const += float(ln.bias @ u)
     return w, const
 
 
@@ -182,8 +196,13 @@ class GPT2Adapter(TransformerAdapter):
 
     def readout(self, token: int) -> tuple[Tensor, float]:
         """``w_i = centre(g * u_i)``, ``const_i = b . u_i`` for ln_f's gain g and bias b."""
-        ln = self._tr.ln_f
-        return _centred_readout(ln.weight, ln.bias, self._head.weight, self._head.bias, token)
+        return _layer_norm_readout(self._tr.ln_f, self._head.weight, self._head.bias, token)
+
+    @torch.no_grad()
+    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
+        """``ln_f(z) . u_i (+ beta_i - mean beta)`` through the model's own final norm (Eq 9)."""
+        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        return _layer_norm(self._tr.ln_f, resid) @ u + const
 
     # ---- hooks for the naive oracle ----------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:

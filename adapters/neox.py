@@ -34,7 +34,7 @@ from transformers.activations import ACT2FN
 from causalnet.errors import ModelError
 
 from .base import Architecture, HookPoints, TransformerAdapter
-from .gpt2 import _centred_readout, _layer_norm, _layer_norm_scale
+from .gpt2 import _centred_unembed, _layer_norm, _layer_norm_readout, _layer_norm_scale
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -170,9 +170,14 @@ class NeoXAdapter(TransformerAdapter):
 
     def readout(self, token: int) -> tuple[Tensor, float]:
         """``w_i = centre(g * u_i)``, ``const_i = b . u_i (+ beta_i - mean beta)``."""
-        ln = self._body.final_layer_norm
         bias = getattr(self._head, "bias", None)
-        return _centred_readout(ln.weight, ln.bias, self._head.weight, bias, token)
+        return _layer_norm_readout(self._body.final_layer_norm, self._head.weight, bias, token)
+
+    @torch.no_grad()
+    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
+        """``final_layer_norm(z) . u_i (+ beta_i - mean beta)`` through the model's own norm."""
+        u, const = _centred_unembed(self._head.weight, getattr(self._head, "bias", None), token)
+        return _layer_norm(self._body.final_layer_norm, resid) @ u + const
 
     # ---- hooks for the naive oracle ----------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:
