@@ -490,6 +490,19 @@ class ResultsStore:
         rows of ``prompt_ids`` when given."""
         return self._load("patches", prompt_ids)
 
+    def patch_prompt_ids(self) -> list[PromptId]:
+        """The sorted ids of the prompts that kept per-patch rows (Figure 1)."""
+        path = self.path / "patches.parquet"
+        if path.exists():
+            try:
+                column = pq.read_table(path, columns=["prompt_id"]).column("prompt_id")
+            except (OSError, pa.ArrowException) as err:
+                raise ResultsError(f"{path} is unreadable: {err}") from err
+            return sorted(set(column.to_pylist()))
+        if (self.path / "effects.parquet").exists() and not self.shards.is_dir():
+            return []
+        return [i for i in self._sorted_ids() if self._shard(i, "patches").exists()]
+
     def _load(self, name: str, prompt_ids: Iterable[PromptId] | None) -> pd.DataFrame:
         """The consolidated file if present, else the shards consolidated in memory."""
         wanted = None if prompt_ids is None else set(prompt_ids)
