@@ -21,8 +21,9 @@ each file either complete or absent (plus perhaps a stray ``.*.tmp``, removed at
 effects shard is written after the prompt's other shards, so a kill between them leaves orphan
 readouts/patches shards that the next open removes and the resumed sweep writes again. The
 folder is guarded by an advisory ``flock`` on ``.lock`` (released by the kernel when the process
-dies), so two processes never write one folder. Durability against power loss (fsync) is not
-attempted; a corrupt shard is reported by name at consolidation.
+dies), so two processes never write one folder; within one process, opening a folder again
+closes the earlier store object (which can then no longer write). Durability against power
+loss (fsync) is not attempted; a corrupt shard is reported by name at consolidation.
 
 **Determinism.** Rows are validated, cast to fixed column types (:data:`EFFECTS_SCHEMA`, ...)
 and sorted when a shard is written (sites in residual order, :func:`site_sort_key`);
@@ -166,6 +167,9 @@ _TABLES = {
 }
 
 _ROW_GROUP_ROWS = 1 << 17
+
+#: The store object of this process that holds each folder's lock (by resolved path).
+_HELD: dict[Path, ResultsStore] = {}
 _COMPRESSION = "zstd"
 
 
@@ -316,8 +320,14 @@ class ResultsStore:
         return run
 
     def _acquire_lock(self) -> None:
+        """Take the folder's flock. Another process holding it is an error; an earlier store
+        object of this process (e.g. left open by an exception) is closed and replaced."""
         if self._lock_fd is not None:
             return
+        key = self.path.resolve()
+        earlier = _HELD.get(key)
+        if earlier is not None and earlier is not self:
+            earlier.close()
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -327,6 +337,7 @@ class ResultsStore:
                 f"{self.path} is being written by another process (lock {self.path / '.lock'})"
             ) from err
         self._lock_fd = fd
+        _HELD[key] = self
 
     def close(self) -> None:
         """Release the folder's lock (idempotent). Nothing is lost: shards are already on disk."""
@@ -334,6 +345,9 @@ class ResultsStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+            key = self.path.resolve()
+            if _HELD.get(key) is self:
+                del _HELD[key]
 
     def __enter__(self) -> ResultsStore:
         return self

@@ -208,13 +208,38 @@ def test_different_arguments_raise_listing_the_keys(tmp_path):
     ResultsStore(tmp_path).open({**ARGS, "library_version": "9"}).close()  # ignored key
 
 
-def test_a_folder_is_written_by_one_process_at_a_time(tmp_path):
+def test_a_folder_is_written_by_one_process_at_a_time(tmp_path, prompts):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path), json.dumps(ARGS)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(ResultsError, match="being written by another process"):
+            ResultsStore(tmp_path).open(ARGS)
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+        holder.wait(timeout=60)
     first = ResultsStore(tmp_path).open(ARGS)
-    with pytest.raises(ResultsError, match="being written by another process"):
-        ResultsStore(tmp_path).open(ARGS)
-    first.close()
+    # the same process opening again (say after an exception) takes the folder over
     with ResultsStore(tmp_path).open(ARGS) as again:
-        assert again.completed_ids() == frozenset()
+        with pytest.raises(ResultsError, match="call open"):
+            _write(first, prompts, [0])
+        _write(again, prompts, [0])
+        assert again.completed_ids() == {0}
+    assert ResultsStore(tmp_path).completed_ids() == {0}
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import json, sys, time
+    from causalnet.hydra.store import ResultsStore
+    store = ResultsStore(sys.argv[1]).open(json.loads(sys.argv[2]))
+    print("open", flush=True)
+    time.sleep(120)
+    """
+)
 
 
 def test_duplicate_rows_are_rejected_at_write_and_at_consolidation(prompts, tmp_path):
