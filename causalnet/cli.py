@@ -1,0 +1,143 @@
+"""The ``causalnet`` command line: ``hydra`` runs the sweep, ``plot`` and ``report`` read it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import CausalNetError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="causalnet",
+        description="Neural networks as structural causal models: the Hydra-effect protocol.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    hydra = sub.add_parser(
+        "hydra",
+        help="run (or resume) the Hydra sweep into a results folder",
+        description=(
+            "For every prompt: direct effects of every site in the clean run (logit lens, final "
+            "norm's scale frozen), total effects of ablating every site (averaged over K "
+            "patches), every site's direct effect in each ablated run, compensatory effects. "
+            "Writes effects.parquet, readouts.parquet, run.json and figures into --out; a killed "
+            "run resumes when started again with the same arguments."
+        ),
+    )
+    hydra.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="'smollm2-135m' (the bundled model) or a local Hugging Face model folder",
+    )
+    hydra.add_argument(
+        "--prompts",
+        default="known_1000",
+        help="'known_1000' (bundled Counterfact prompts), 'lre', 'lre:<relation>', or a "
+        "JSON/JSONL file with 'prompt' (and optional 'id', 'attribute') per record",
+    )
+    hydra.add_argument("--k", type=int, default=15, help="patches per ablation (default 15)")
+    hydra.add_argument("--out", required=True, help="results folder (created or resumed)")
+    hydra.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    hydra.add_argument(
+        "--sites",
+        default=None,
+        help="comma-separated sites or globs to ablate, e.g. 'attn.*' or 'attn.12,mlp.12' "
+        "(default: all); every site is still read out",
+    )
+    hydra.add_argument(
+        "--granularity",
+        choices=("layer", "head"),
+        default="layer",
+        help="ablate and read out whole layers (attn.L, mlp.L) or attention heads (attn.L.hH)",
+    )
+    hydra.add_argument(
+        "--ablation",
+        choices=("resample", "zero", "mean", "noise"),
+        default="resample",
+        help="resample: K other prompts' values (default); zero; mean over the prompts; "
+        "noise: the value plus Gaussian noise (K draws)",
+    )
+    hydra.add_argument(
+        "--noise-std",
+        type=float,
+        default=None,
+        help="std of noise ablation (default: each site's std over the prompts)",
+    )
+    hydra.add_argument("--seed", type=int, default=0, help="seed of the patch draws (default 0)")
+    hydra.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    hydra.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        default="float32",
+        help="model and activation dtype (default float32)",
+    )
+    hydra.add_argument("--no-plots", action="store_true", help="skip the figures at the end")
+    hydra.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    plot = sub.add_parser("plot", help="(re)make the figures of a results folder")
+    plot.add_argument("results", help="results folder written by 'causalnet hydra'")
+
+    report = sub.add_parser("report", help="print the per-layer summary table of a results folder")
+    report.add_argument("results", help="results folder written by 'causalnet hydra'")
+    report.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``causalnet`` script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hydra":
+            from .hydra.figures import make_all
+            from .hydra.sweep import SweepConfig, run_sweep
+
+            config = SweepConfig(
+                model=args.model,
+                prompts=args.prompts,
+                ablation=args.ablation,
+                k=args.k,
+                seed=args.seed,
+                granularity=args.granularity,
+                sites=args.sites,
+                limit=args.limit,
+                noise_std=args.noise_std,
+                dtype=args.dtype,
+                device=args.device,
+            )
+            out = run_sweep(config, args.out, progress=not args.quiet)
+            print(f"results: {out}")
+            if not args.no_plots:
+                for path in make_all(out):
+                    print(f"figure: {path}")
+            _print_report(out, None)
+        elif args.command == "plot":
+            from .hydra.figures import make_all
+
+            for path in make_all(args.results):
+                print(f"figure: {path}")
+        else:
+            _print_report(args.results, args.csv)
+    except CausalNetError as err:
+        print(f"causalnet: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_report(results: str, csv: str | None) -> None:
+    import pandas as pd
+
+    from .hydra.analysis import summary_table
+    from .hydra.store import ResultsStore
+
+    table = summary_table(ResultsStore(results).load_effects())
+    if csv:
+        table.to_csv(csv, index=False)
+    with pd.option_context("display.max_rows", None, "display.width", 160):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
