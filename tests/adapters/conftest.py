@@ -26,6 +26,10 @@ import torch
 from causalnet.adapters import TransformerAdapter, adapt
 from torch import Tensor, nn
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -67,6 +71,22 @@ def _llama_config(**kw: object) -> dict:
     return base
 
 
+def _neox_config(parallel: bool) -> dict:
+    return dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+        use_parallel_residual=parallel,
+        initializer_range=0.15,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
 TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     # Llama, tied embeddings, GQA (4 heads share 2 key/value heads)
     "llama-tied-gqa": lambda: _build(
@@ -93,6 +113,27 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
         MistralForCausalLM,
         MistralConfig(**_llama_config(sliding_window=3, num_key_value_heads=1)),
     ),
+    # GPT-2: learned positions, LayerNorm, Conv1D, c_proj bias split over heads, tied; the
+    # extra 1 / (l + 1) attention scale of scale_attn_by_inverse_layer_idx
+    "gpt2-inverse-layer-idx": lambda: _build(
+        GPT2LMHeadModel,
+        GPT2Config(
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=64,
+            initializer_range=0.15,
+            scale_attn_by_inverse_layer_idx=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    # GPT-NeoX / Pythia: parallel residual, per-head interleaved fused qkv, rotary on 1/4 of
+    # each head, untied embed_out
+    "neox-parallel": lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(**_neox_config(True))),
+    # GPT-NeoX with the sequential residual
+    "neox-sequential": lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(**_neox_config(False))),
 }
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
