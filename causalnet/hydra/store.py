@@ -11,6 +11,27 @@ Layout of a results folder::
     readouts.parquet
     patches.parquet         (when any prompt kept its per-patch rows)
 
+**Tables** (all effects in centred logits of the target token i,
+the argmax of the clean logits at the last position, Eqs 9, 10):
+
+- ``effects`` (per prompt and ablated site k): ``prompt_id`` (int64 or string), ``site``
+  (``embed``, ``attn.l``, ``mlp.l``, ``attn.l.hH``), ``kind`` (``embed|attn|head|mlp``),
+  ``layer`` (int64, -1 for embed), ``head`` (int64, -1 unless a head), ``target_token``
+  (int64), ``target_str``, ``target_is_true`` (bool: i is the first token of " " + the true
+  attribute), ``direct_effect`` (k's clean Delta_unembed, Eq 10), ``total_effect``
+  (Delta_ablate, Eq 12, mean over patches, Eq 39), ``total_effect_std`` (over patches),
+  ``direct_effect_ablated_self`` (k's own direct effect in its ablated runs, Eq 13, mean),
+  ``compensatory_effect`` (CE, Eq 33, mean), ``compensatory_attn``, ``compensatory_mlp`` (its
+  attention and MLP parts), ``delta_de_upstream`` (sum of Delta_DE, Eq 34, over the embedding
+  and the non-downstream sites), ``clean_centred_logit``, ``sources`` (the patches' source
+  prompt ids joined with ","; empty without resampling). All floats float64.
+- ``readouts`` (per prompt, ablated site and readout site l): ``prompt_id``, ``ablated_site``,
+  ``readout_site``, ``direct_effect_clean`` (Eq 10), ``direct_effect_ablated`` (Eq 13, mean
+  over patches), ``delta_de`` (Eq 34, mean over patches).
+- ``patches`` (optional, per prompt, ablated site, patch and readout site): ``prompt_id``,
+  ``ablated_site``, ``patch`` (int64, 0-based), ``source_id`` (string, null when none),
+  ``readout_site``, ``direct_effect_ablated`` (Eq 13, that patch's run).
+
 ``<key>`` encodes the prompt id reversibly: ``i<int>`` for an int id, ``s<base64url of the
 UTF-8 string>`` for a str id, so the completed ids are read from file names alone.
 
@@ -84,8 +105,6 @@ IGNORED_ARG_KEYS = frozenset(
         "timing",
     }
 )
-
-SITE_KINDS = ("embed", "attn", "head", "mlp")
 
 _FLOAT = pa.float64()
 _INT = pa.int64()
@@ -167,10 +186,12 @@ _TABLES = {
 }
 
 _ROW_GROUP_ROWS = 1 << 17
+_COMPRESSION = "zstd"
+
+_FINALIZE_KEYS = ("finalized_at", "n_prompts", "info")
 
 #: The store object of this process that holds each folder's lock (by resolved path).
 _HELD: dict[Path, ResultsStore] = {}
-_COMPRESSION = "zstd"
 
 
 def site_sort_key(name: str) -> tuple[int, int, int]:
@@ -250,7 +271,7 @@ class ResultsStore:
         self._lock_fd: int | None = None
         self._done: set[PromptId] = set()
         self._id_type: type | None = None
-        self._stale_checked = False
+        self._may_be_consolidated = True  # consolidated files may exist and match the shards
 
     # ---- writing ---------------------------------------------------------------------------
     def open(self, args: dict[str, Any], resume: bool = True) -> ResultsStore:
@@ -280,7 +301,7 @@ class ResultsStore:
         except BaseException:
             self.close()
             raise
-        self._stale_checked = False
+        self._may_be_consolidated = True
         return self
 
     def _open_run(self, args: dict[str, Any], resume: bool) -> dict[str, Any]:
@@ -425,10 +446,8 @@ class ResultsStore:
             for name, frame in tables.items()
             if frame is not None
         }
-        if not self._stale_checked:  # consolidated files of an earlier session are now stale
-            for name in _TABLES:
-                (self.path / f"{name}.parquet").unlink(missing_ok=True)
-            self._stale_checked = True
+        if self._may_be_consolidated:
+            self._invalidate_consolidated()
         for name in ("patches", "readouts", "effects"):  # effects last: the completion mark
             if name in arrow:
                 shard = self.shards / f"{key}.{name}.parquet"
@@ -436,13 +455,36 @@ class ResultsStore:
         self._done.add(prompt_id)
         self._id_type = type(prompt_id)
 
+    def _invalidate_consolidated(self) -> None:
+        """Before the first new shard after a consolidation: remove the consolidated tables
+        (they would miss the new prompt) and the finalize record of run.json."""
+        for name in _TABLES:
+            (self.path / f"{name}.parquet").unlink(missing_ok=True)
+        run = self.load_run()
+        if any(k in run for k in _FINALIZE_KEYS):
+            _write_json(self.run_path, {k: v for k, v in run.items() if k not in _FINALIZE_KEYS})
+        self._may_be_consolidated = False
+
     def consolidate(self) -> dict[str, Path]:
         """Write ``effects.parquet``, ``readouts.parquet`` (and ``patches.parquet`` when any
         prompt kept patches) from the shards, atomically; returns the paths written.
 
-        Raises ResultsError when there are no completed prompts, when a shard is unreadable or
-        holds another prompt's rows, or when rows are duplicated.
+        Works on demand: without :meth:`open`, it takes the folder's lock for its duration
+        (ResultsError while a sweep is writing the folder). Raises ResultsError when there are
+        no completed prompts, when a shard is unreadable or holds another prompt's rows, or when
+        rows are duplicated.
         """
+        if self._lock_fd is None:
+            self._acquire_lock()
+            try:
+                return self._consolidate()
+            finally:
+                self.close()
+        written = self._consolidate()
+        self._may_be_consolidated = True
+        return written
+
+    def _consolidate(self) -> dict[str, Path]:
         ids = self._sorted_ids()
         written = {}
         for name, table in _TABLES.items():

@@ -218,6 +218,8 @@ def test_a_folder_is_written_by_one_process_at_a_time(tmp_path, prompts):
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(ResultsError, match="being written by another process"):
             ResultsStore(tmp_path).open(ARGS)
+        with pytest.raises(ResultsError, match="being written by another process"):
+            ResultsStore(tmp_path).consolidate()
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock
         holder.wait(timeout=60)
@@ -229,6 +231,9 @@ def test_a_folder_is_written_by_one_process_at_a_time(tmp_path, prompts):
         _write(again, prompts, [0])
         assert again.completed_ids() == {0}
     assert ResultsStore(tmp_path).completed_ids() == {0}
+    written = ResultsStore(tmp_path).consolidate()  # on demand, no open() needed
+    assert sorted(written) == ["effects", "patches", "readouts"]
+    assert ResultsStore(tmp_path).load_effects()["prompt_id"].unique().tolist() == [0]
 
 
 _HOLDER = textwrap.dedent(
@@ -306,8 +311,10 @@ def test_reading_before_finalize_and_stale_consolidated_files(prompts, tmp_path)
     store.finalize()
     resumed = ResultsStore(tmp_path).open(ARGS)
     assert (tmp_path / "effects.parquet").exists()
+    assert resumed.load_run()["n_prompts"] == 2
     _write(resumed, prompts, [1])
     assert not (tmp_path / "effects.parquet").exists()  # stale: removed by the new write
+    assert "finalized_at" not in resumed.load_run() and "n_prompts" not in resumed.load_run()
     assert sorted(resumed.load_effects()["prompt_id"].unique()) == [0, 1, 2]
     with pytest.raises(ResultsError, match="not found: not a results folder"):
         ResultsStore(tmp_path / "nothing").load_run()
