@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
 
 from causalnet.errors import ModelError, ShapeError
 
@@ -75,6 +76,27 @@ def _layer_norm_readout(
     return w, const
 
 
+def _check_modules(transformer: nn.Module) -> None:
+    """Refuse a model whose blocks are not the plain modules this file's math describes."""
+    for i, block in enumerate(transformer.h):
+        parts = {
+            "ln_1": (block.ln_1, nn.LayerNorm),
+            "ln_2": (block.ln_2, nn.LayerNorm),
+            "attn.c_attn": (block.attn.c_attn, Conv1D),
+            "attn.c_proj": (block.attn.c_proj, Conv1D),
+            "mlp.c_fc": (block.mlp.c_fc, Conv1D),
+            "mlp.c_proj": (block.mlp.c_proj, Conv1D),
+        }
+        for name, (module, kind) in parts.items():
+            if type(module) is not kind:
+                raise ModelError(
+                    f"GPT2Adapter: h.{i}.{name} is a {type(module).__name__}, expected "
+                    f"{kind.__name__}"
+                )
+    if type(transformer.ln_f) is not nn.LayerNorm:
+        raise ModelError("GPT2Adapter: ln_f is not a LayerNorm")
+
+
 class GPT2Adapter(TransformerAdapter):
     """``GPT2LMHeadModel`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
@@ -112,6 +134,8 @@ class GPT2Adapter(TransformerAdapter):
         head = model.get_output_embeddings()
         if head is None or tuple(head.weight.shape) != (config.vocab_size, d):
             raise ModelError("GPT2Adapter: the model has no [vocab, d] unembedding (lm_head)")
+
+        _check_modules(transformer)
 
         self.model = model
         self.tokenizer = tokenizer

@@ -36,6 +36,30 @@ from causalnet.errors import ModelError
 from .base import Architecture, HookPoints, TransformerAdapter
 from .gpt2 import _centred_unembed, _layer_norm, _layer_norm_readout, _layer_norm_scale
 
+#: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
+_STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+
+
+def _check_modules(body: nn.Module) -> None:
+    """Refuse a model whose layers are not the plain modules this file's math describes."""
+    for i, layer in enumerate(body.layers):
+        parts = {
+            "input_layernorm": (layer.input_layernorm, nn.LayerNorm),
+            "post_attention_layernorm": (layer.post_attention_layernorm, nn.LayerNorm),
+            "attention.query_key_value": (layer.attention.query_key_value, nn.Linear),
+            "attention.dense": (layer.attention.dense, nn.Linear),
+            "mlp.dense_h_to_4h": (layer.mlp.dense_h_to_4h, nn.Linear),
+            "mlp.dense_4h_to_h": (layer.mlp.dense_4h_to_h, nn.Linear),
+        }
+        for name, (module, kind) in parts.items():
+            if type(module) is not kind:
+                raise ModelError(
+                    f"NeoXAdapter: layers.{i}.{name} is a {type(module).__name__}, expected "
+                    f"{kind.__name__}"
+                )
+    if type(body.final_layer_norm) is not nn.LayerNorm:
+        raise ModelError("NeoXAdapter: final_layer_norm is not a LayerNorm")
+
 
 def _rotate_half(x: Tensor) -> Tensor:
     """``[x1 | x2] -> [-x2 | x1]`` over the last dimension (GPT-NeoX's rotary convention)."""
@@ -84,6 +108,13 @@ class NeoXAdapter(TransformerAdapter):
         rotary = getattr(body, "rotary_emb", None)
         if rotary is None:
             raise ModelError("NeoXAdapter: the model has no rotary embedding module (rotary_emb)")
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type not in _STATIC_ROPE_TYPES:
+            raise ModelError(
+                f"NeoXAdapter: rope_type {rope_type!r} is not supported (its tables depend on the "
+                f"sequence length of each call); supported: {sorted(_STATIC_ROPE_TYPES)}"
+            )
+        _check_modules(body)
 
         self.model = model
         self.tokenizer = tokenizer

@@ -250,3 +250,14 @@ def test_a_prompt_longer_than_the_position_table_raises() -> None:
     a = GPT2Adapter(build())
     with pytest.raises(ShapeError, match="n_positions"):
         a.forward(prompt(N_POSITIONS + 1))
+
+
+def test_foreign_modules_are_refused() -> None:
+    model = build()
+    model.transformer.ln_f = nn.RMSNorm(64)
+    with pytest.raises(ModelError, match="ln_f is not a LayerNorm"):
+        GPT2Adapter(model)
+    model = build()
+    model.transformer.h[2].mlp.c_fc = nn.Linear(64, 256)
+    with pytest.raises(ModelError, match=r"h\.2\.mlp\.c_fc is a Linear"):
+        GPT2Adapter(model)

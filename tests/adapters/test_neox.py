@@ -42,6 +42,15 @@ VARIANTS: dict[str, dict] = {
             "partial_rotary_factor": 1.0,
         }
     },
+    "yarn-scaling": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 32,
+        }
+    },
 }
 
 
@@ -275,4 +284,19 @@ def test_other_models_and_unsupported_head_dims_are_refused() -> None:
     model = build()
     model.config.head_dim = 8
     with pytest.raises(ModelError, match="head_dim"):
+        NeoXAdapter(model)
+
+
+def test_sequence_length_dependent_rope_and_foreign_modules_are_refused() -> None:
+    dynamic = {
+        "rope_type": "dynamic",
+        "factor": 2.0,
+        "rope_theta": 1e4,
+        "partial_rotary_factor": 0.25,
+    }
+    with pytest.raises(ModelError, match="dynamic"):
+        NeoXAdapter(build(rope_parameters=dynamic))
+    model = build()
+    model.gpt_neox.layers[1].post_attention_layernorm = nn.RMSNorm(64)
+    with pytest.raises(ModelError, match=r"layers\.1\.post_attention_layernorm is a RMSNorm"):
         NeoXAdapter(model)
