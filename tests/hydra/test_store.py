@@ -209,20 +209,19 @@ def test_different_arguments_raise_listing_the_keys(tmp_path):
 
 
 def test_a_folder_is_written_by_one_process_at_a_time(tmp_path, prompts):
-    holder = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(tmp_path), json.dumps(ARGS)],
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "open"
-        with pytest.raises(ResultsError, match="being written by another process"):
-            ResultsStore(tmp_path).open(ARGS)
-        with pytest.raises(ResultsError, match="being written by another process"):
-            ResultsStore(tmp_path).consolidate()
-    finally:
-        holder.kill()  # SIGKILL: the kernel releases the lock
-        holder.wait(timeout=60)
+    ) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "open"
+            with pytest.raises(ResultsError, match="being written by another process"):
+                ResultsStore(tmp_path).open(ARGS)
+            with pytest.raises(ResultsError, match="being written by another process"):
+                ResultsStore(tmp_path).consolidate()
+        finally:
+            holder.kill()  # SIGKILL: the kernel releases the lock
     first = ResultsStore(tmp_path).open(ARGS)
     # the same process opening again (say after an exception) takes the folder over
     with ResultsStore(tmp_path).open(ARGS) as again:
