@@ -20,7 +20,9 @@ where the last term is nonzero only through the change of the final scale sigma.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+import torch
 from torch import Tensor
 
 from ..errors import ShapeError
@@ -75,12 +77,12 @@ def decompose(
         raise ShapeError(
             f"total has shape {tuple(total.shape)}, expected {tuple(de_ablated.shape[:2])}"
         )
-    down_attn, down_mlp, is_self = downstream_masks(ablated_sites, readout_sites, parallel_residual)
-    upstream = ~(down_attn | down_mlp | is_self)
+    masks = _masks(tuple(ablated_sites), tuple(readout_sites), parallel_residual)
+    down_attn, down_mlp, is_self, upstream = (m.to(de_ablated.dtype) for m in masks)
     delta = de_ablated - de_clean
 
     def masked_sum(mask: Tensor) -> Tensor:
-        return (delta * mask.unsqueeze(1).to(delta.dtype)).sum(-1)
+        return torch.einsum("spr,sr->sp", delta, mask)
 
     return Decomposition(
         total=total,
@@ -90,3 +92,14 @@ def decompose(
         delta_upstream=masked_sum(upstream),
         delta_de=delta,
     )
+
+
+@lru_cache(maxsize=16)
+def _masks(
+    ablated: tuple[str, ...], readouts: tuple[str, ...], parallel_residual: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Downstream attention, downstream MLP, self and upstream masks, computed once per sweep."""
+    down_attn, down_mlp, is_self = downstream_masks(
+        list(ablated), list(readouts), parallel_residual
+    )
+    return down_attn, down_mlp, is_self, ~(down_attn | down_mlp | is_self)

@@ -168,8 +168,10 @@ def prompt_tables(
     sites: list[str],
     readout_sites: list[str],
     source_ids: list[Any],
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The rows of one prompt: effects (per site), readouts (per site and readout), patches."""
+    keep_patches: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """The rows of one prompt: effects (per site), readouts (per site and readout) and, with
+    ``keep_patches``, per-patch readouts (Figure 1)."""
     dec = decompose(
         sites,
         readout_sites,
@@ -218,6 +220,8 @@ def prompt_tables(
             "delta_de": dec.delta_de.mean(1).reshape(-1).numpy(),
         }
     )
+    if not keep_patches:
+        return effects, readouts, None
     patch_sources = source_ids if source_ids else list(range(n_p))
     patches = pd.DataFrame(
         {
@@ -240,6 +244,72 @@ def attribute_first_token(adapter: Any, attribute: str | None) -> int | None:
         return None
     ids = adapter.tokenizer(" " + attribute, add_special_tokens=False)["input_ids"]
     return int(ids[0]) if ids else None
+
+
+@dataclass
+class SweepPlan:
+    """What every prompt of a sweep shares: prompts, tokens, sites and the ablation pool.
+
+    Built once by :func:`plan_sweep`; :func:`compute_prompt` needs only a plan, an adapter and
+    a prompt index, so the same plan can be shipped to several workers.
+    """
+
+    config: SweepConfig
+    prompts: list[Prompt]
+    tokens: list[Tensor]
+    sites: list[str]
+    readout_sites: list[str]
+    pool: Tensor  # [n_prompts, n_sites, d]
+
+
+@dataclass
+class PromptRows:
+    """One prompt's rows: effects, readouts, and (for figure prompts) per-patch readouts."""
+
+    index: int
+    prompt_id: Any
+    effects: pd.DataFrame
+    readouts: pd.DataFrame
+    patches: pd.DataFrame | None
+
+
+def plan_sweep(
+    config: SweepConfig, adapter: Any, pool_path: Path | None = None, progress: bool = False
+) -> SweepPlan:
+    """Load and check the prompts, pick the sites, and build (or load) the ablation pool."""
+    prompts = load_prompts(config.prompts)
+    if config.limit is not None:
+        prompts = prompts[: config.limit]
+    tokens = [adapter.encode(p.text) for p in prompts]
+    check_lengths(prompts, [len(t) for t in tokens], adapter_max_length(adapter))
+    if config.ablation == "resample" and len(prompts) <= config.k:
+        raise CausalNetError(
+            f"resample ablation with k={config.k} needs more than {config.k} prompts, "
+            f"got {len(prompts)}"
+        )
+    readout_sites = adapter.readout_sites(config.granularity)
+    sites = select_sites(adapter.sites(config.granularity), config.sites)
+    site_index = torch.tensor([readout_sites.index(s) for s in sites])
+    if pool_path is None:
+        pool = build_pool(adapter, tokens, site_index, config.granularity, progress)
+    else:
+        pool = load_or_build_pool(
+            pool_path, adapter, prompts, tokens, sites, site_index, config.granularity, progress
+        )
+    return SweepPlan(config, prompts, tokens, sites, readout_sites, pool)
+
+
+def compute_prompt(adapter: Any, plan: SweepPlan, index: int, keep_patches: bool) -> PromptRows:
+    """The clean run, the batched ablated runs and the rows of prompt ``plan.prompts[index]``."""
+    config, prompt = plan.config, plan.prompts[index]
+    clean = adapter.clean_run(plan.tokens[index], granularity=config.granularity)
+    values, source_rows = ablation_values(config, plan.pool, index)
+    patched = adapter.patch(clean, plan.sites, values.to(clean.site_values.dtype))
+    source_ids = [plan.prompts[j].id for j in source_rows]
+    effects, readouts, patches = prompt_tables(
+        adapter, prompt, clean, patched, plan.sites, plan.readout_sites, source_ids, keep_patches
+    )
+    return PromptRows(index, prompt.id, effects, readouts, patches)
 
 
 def run_sweep(
@@ -266,43 +336,20 @@ def run_sweep(
     if adapter is None:
         adapter = load(config.model, dtype=getattr(torch, config.dtype), device=config.device)
     t_loaded = time.perf_counter()
-
-    prompts = load_prompts(config.prompts)
-    if config.limit is not None:
-        prompts = prompts[: config.limit]
-    tokens = [adapter.encode(p.text) for p in prompts]
-    check_lengths(prompts, [len(t) for t in tokens], adapter_max_length(adapter))
-    if config.ablation == "resample" and len(prompts) <= config.k:
-        raise CausalNetError(
-            f"resample ablation with k={config.k} needs more than {config.k} prompts, "
-            f"got {len(prompts)}"
-        )
-    readout_sites = adapter.readout_sites(config.granularity)
-    sites = select_sites(adapter.sites(config.granularity), config.sites)
-    site_index = torch.tensor([readout_sites.index(s) for s in sites])
-    pool = load_or_build_pool(
-        out / "pool.pt", adapter, prompts, tokens, sites, site_index, config.granularity, progress
-    )
+    plan = plan_sweep(config, adapter, out / "pool.pt", progress)
     t_pool = time.perf_counter()
 
     done = store.completed_ids()
-    todo = [i for i, p in enumerate(prompts) if p.id not in done]
+    todo = [i for i, p in enumerate(plan.prompts) if p.id not in done]
     for i in tqdm(todo, desc="hydra sweep", unit="prompt", disable=not progress):
-        prompt = prompts[i]
-        clean = adapter.clean_run(tokens[i], granularity=config.granularity)
-        values, source_rows = ablation_values(config, pool, i)
-        patched = adapter.patch(clean, sites, values.to(clean.site_values.dtype))
-        source_ids = [prompts[j].id for j in source_rows]
-        effects, readouts, patches = prompt_tables(
-            adapter, prompt, clean, patched, sites, readout_sites, source_ids
-        )
-        store.write_prompt(prompt.id, effects, readouts, patches if i < figure_prompts else None)
+        rows = compute_prompt(adapter, plan, i, keep_patches=i < figure_prompts)
+        store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
     t_end = time.perf_counter()
     store.finalize(
         {
-            "n_prompts": len(prompts),
-            "n_sites": len(sites),
-            "n_readout_sites": len(readout_sites),
+            "n_prompts": len(plan.prompts),
+            "n_sites": len(plan.sites),
+            "n_readout_sites": len(plan.readout_sites),
             "n_computed_this_run": len(todo),
             "time_load_s": round(t_loaded - t_start, 3),
             "time_pool_s": round(t_pool - t_loaded, 3),
