@@ -167,29 +167,45 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kill_at", [2, 4, 7, 14, 16])
-def test_sigkilled_writer_resumes_to_identical_final_files(prompts, reference, tmp_path, kill_at):
-    """A real process SIGKILLed just before its kill_at-th atomic rename. Renames: 1 run.json;
+KILL_POINTS = (2, 4, 7, 14, 16)
+
+
+def test_sigkilled_writers_resume_to_identical_final_files(prompts, reference, tmp_path):
+    """Real processes SIGKILLed just before their kill_at-th atomic rename. Renames: 1 run.json;
     prompt 0: 2 patches, 3 readouts, 4 effects (its completion mark); prompts 1-4: readouts then
-    effects (5-12); finalize: 13-15 the consolidated tables, 16 run.json."""
+    effects (5-12); finalize: 13-15 the consolidated tables, 16 run.json. The writers run in
+    parallel (each pays the interpreter's start-up)."""
     data, args = tmp_path / "prompts.pkl", tmp_path / "args.pkl"
     data.write_bytes(pickle.dumps(prompts))
     args.write_bytes(pickle.dumps(ARGS))
-    folder = tmp_path / "run"
-    child = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(folder), str(data), str(args), str(kill_at)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr
-    assert list((folder / "shards").glob(".*.tmp")) or list(folder.glob(".*.tmp"))
-    store = ResultsStore(folder).open(ARGS)
-    done = store.completed_ids()
-    assert done == set(range(sum(mark < kill_at for mark in (4, 6, 8, 10, 12))))
-    _write(store, prompts, [i for i in range(5) if i not in done])
-    store.finalize()
-    assert _final_bytes(folder) == _final_bytes(reference)
+    children = {
+        kill_at: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                str(tmp_path / f"run{kill_at}"),
+                str(data),
+                str(args),
+                str(kill_at),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kill_at in KILL_POINTS
+    }
+    for kill_at, child in children.items():
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, (kill_at, stderr)
+    for kill_at in KILL_POINTS:
+        folder = tmp_path / f"run{kill_at}"
+        assert list((folder / "shards").glob(".*.tmp")) or list(folder.glob(".*.tmp")), kill_at
+        store = ResultsStore(folder).open(ARGS)
+        done = store.completed_ids()
+        assert done == set(range(sum(mark < kill_at for mark in (4, 6, 8, 10, 12)))), kill_at
+        _write(store, prompts, [i for i in range(5) if i not in done])
+        store.finalize()
+        assert _final_bytes(folder) == _final_bytes(reference), kill_at
 
 
 def test_different_arguments_raise_listing_the_keys(tmp_path):
