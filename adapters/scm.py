@@ -117,37 +117,42 @@ def _heads_z(adapter: TransformerAdapter, layer: int, resid: Tensor) -> Tensor:
 
 
 class _HeadOutputs:
-    """All heads' outputs of one layer, computed once per residual input (head granularity).
+    """All heads' outputs of one layer, computed once per run (head granularity).
 
-    Every ``attn.l.hH`` node of a run receives the same ``resid.{l-1}`` tensor, so the layer's
-    attention is computed for the first head and reused for the others; a different tensor (or
-    an in-place change, seen through ``Tensor._version``) recomputes it.
+    In one run every ``attn.l.hH`` node of layer l receives the same ``resid.{l-1}`` tensor, so
+    the layer's attention is computed for the first head asked and served to the others. The
+    cache is dropped as soon as every head has been served, and ignored when the residual is a
+    different tensor (or was changed in place, seen through ``Tensor._version``), so nothing is
+    carried from one run to the next.
     """
 
     def __init__(self, adapter: TransformerAdapter, layer: int) -> None:
         self.adapter = adapter
         self.layer = layer
-        self._key: tuple[Tensor, int] | None = None
-        self._value: Tensor | None = None
+        self._clear()
 
-    def __call__(self, resid: Tensor) -> Tensor:
-        key = self._key
-        if key is None or key[0] is not resid or key[1] != resid._version:
+    def _clear(self) -> None:
+        self._resid: Tensor | None = None
+        self._version = -1
+        self._value: Tensor | None = None
+        self._served: set[int] = set()
+
+    def __call__(self, head: int, resid: Tensor) -> Tensor:
+        """``attn.l.hH`` = head H's contribution to a^l [B, T, d]."""
+        if self._value is None or self._resid is not resid or self._version != resid._version:
             z = _heads_z(self.adapter, self.layer, resid)
             self._value = self.adapter.head_outputs(self.layer, z)  # [B, T, H, d]
-            self._key = (resid, resid._version)
-        assert self._value is not None
-        return self._value
+            self._resid, self._version, self._served = resid, resid._version, set()
+        out = self._value[..., head, :]
+        self._served.add(head)
+        if len(self._served) == self.adapter.arch.n_heads:
+            self._clear()
+        return out
 
 
 def _attention_layer(adapter: TransformerAdapter, layer: int, resid: Tensor) -> Tensor:
     """``attn.l`` = the layer's attention output a^l [B, T, d] (Eq 5)."""
     return adapter.attn_output(layer, _heads_z(adapter, layer, resid))
-
-
-def _head(heads: _HeadOutputs, head: int, resid: Tensor) -> Tensor:
-    """``attn.l.hH`` = head H's contribution to a^l [B, T, d]."""
-    return heads(resid)[..., head, :]
 
 
 def _mlp(adapter: TransformerAdapter, layer: int, resid: Tensor, *attn: Tensor) -> Tensor:
@@ -208,7 +213,7 @@ def to_scm(adapter: TransformerAdapter, granularity: Granularity = "layer") -> S
         else:
             heads = _HeadOutputs(adapter, layer)
             for h, name in enumerate(attn):
-                scm.add_node(name, parents=[prev], fn=partial(_head, heads, h))
+                scm.add_node(name, parents=[prev], fn=partial(heads, h))
         mlp = f"mlp.{layer}"
         mlp_parents = [prev] if arch.parallel_residual else [prev, *attn]
         scm.add_node(mlp, parents=mlp_parents, fn=partial(_mlp, adapter, layer))

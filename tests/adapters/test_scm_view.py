@@ -11,6 +11,7 @@ of all three families (Llama, GPT-2, GPT-NeoX with both residual wirings).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -190,6 +191,25 @@ def test_graph_follows_the_models_real_residual_wiring(family, granularity) -> N
     expected = {"embed", "sigma", "logits", *sites}
     expected |= {f"resid.{layer}" for layer in range(a.arch.n_layers)}
     assert set(scm.endogenous) == expected
+
+
+def test_head_view_carries_nothing_from_one_run_to_the_next(family) -> None:
+    """The heads of a layer share one attention computation per run, never across runs."""
+    model, a = make(family, torch.float64)
+    scm = to_scm(a, "head")
+    ctx = {"tokens": prompt()[None]}
+    with torch.no_grad():
+        held = scm.run(ctx)["embed"]
+        # the same tensor object as layer 0's input in both runs (a hard do passes it through)
+        first = scm.run(ctx, do={"embed": held})
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and re.search(r"\.(layers|h)\.\d+\.", name):  # the layers' matrices
+                p.mul_(1.1)  # weights are read by reference: the next run must see the change
+        second = scm.run(ctx, do={"embed": held})
+    run = a.forward(ctx["tokens"], granularity="head")
+    for site in a.readout_sites("head"):
+        assert (second[site] - run.values[site]).abs().max() <= 1e-12, site
+    assert (second["attn.0.h3"] - first["attn.0.h3"]).abs().max() > 1e-3
 
 
 def test_unknown_granularity_raises() -> None:
