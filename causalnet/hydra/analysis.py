@@ -173,6 +173,16 @@ def compensation_regression(effects: pd.DataFrame) -> pd.DataFrame:
     return _per_layer(effects, stats)
 
 
+def peak_r2_layer(regression: pd.DataFrame, kind: str) -> int | None:
+    """The layer of ``kind`` whose compensation regression (:func:`compensation_regression`'s
+    table) has the highest r^2 -- Fig 7b, the paper's layer 23 (92 %). None when no r^2 of that
+    kind is defined."""
+    rows = regression[regression["kind"] == kind]
+    if not rows["r2"].notna().any():
+        return None
+    return int(rows.loc[rows["r2"].idxmax(), "layer"])
+
+
 def response_split(effects: pd.DataFrame) -> pd.DataFrame:
     """Which downstream sites carry the compensation: attention (Hydra effect) vs MLP (less
     erasure), per (kind, layer) of the ablated site -- paper Fig 8.

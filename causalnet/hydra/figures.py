@@ -29,7 +29,13 @@ from matplotlib.ticker import MaxNLocator
 
 from ..errors import DataError, ResultsError
 from ..sites import parse_site
-from .analysis import compensation_regression, linear_fit, per_layer_agreement, response_split
+from .analysis import (
+    compensation_regression,
+    linear_fit,
+    peak_r2_layer,
+    per_layer_agreement,
+    response_split,
+)
 from .data import load_prompts
 from .store import ResultsStore, site_sort_key
 
@@ -312,7 +318,7 @@ def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
         _empty(ax_d, "(d) no attention sites ablated")
         return _save(fig, path)
     areg = reg[reg["kind"] == attn]
-    peak = int(areg.loc[areg["r2"].idxmax(), "layer"]) if areg["r2"].notna().any() else None
+    peak = peak_r2_layer(reg, attn)
     if peak is None:
         _empty(ax_b, "(b) no layer with a defined r^2 (too few prompts?)")
     else:
@@ -374,9 +380,9 @@ def select_layers(effects: pd.DataFrame, kind: str, count: int = 4) -> list[int]
         int(layers[i])
         for i in np.linspace(0, len(layers) - 1, min(count, len(layers))).round().astype(int)
     }
-    reg = compensation_regression(effects[effects["kind"] == kind])
-    if reg["r2"].notna().any():
-        picks.add(int(reg.loc[reg["r2"].idxmax(), "layer"]))
+    peak = peak_r2_layer(compensation_regression(effects[effects["kind"] == kind]), kind)
+    if peak is not None:
+        picks.add(peak)
     return sorted(picks)
 
 

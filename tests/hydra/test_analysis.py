@@ -10,6 +10,7 @@ from causalnet.hydra.analysis import (
     fraction_restored,
     identity_residual,
     linear_fit,
+    peak_r2_layer,
     pearson,
     per_layer_agreement,
     removed_direct_effect,
@@ -83,6 +84,21 @@ def test_regression_recovers_slope_intercept_and_r2_under_zero_ablation():
     # zero ablation removes exactly the direct effect: both views coincide
     assert row["restoration_slope"] == pytest.approx(row["slope"])
     assert row["restoration_r2"] == pytest.approx(row["r2"])
+
+
+def test_peak_r2_layer_is_the_best_fitting_layer():
+    noise = np.array([0.3, -0.3] * 4)
+    frame = pd.concat(
+        [
+            _effects(DE, ce_attn=0.5 * DE + noise, layer=0),
+            _effects(DE, ce_attn=0.5 * DE + 0.1 * noise, layer=1),
+            _effects(DE, ce_attn=0.5 * DE + 2 * noise, layer=2),
+        ],
+        ignore_index=True,
+    )
+    reg = compensation_regression(frame)
+    assert peak_r2_layer(reg, "attn") == 1
+    assert peak_r2_layer(reg, "mlp") is None
 
 
 def test_restoration_view_uses_the_removed_direct_effect():
