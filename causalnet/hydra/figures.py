@@ -324,15 +324,7 @@ def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
     else:
         sel = effects[(effects["kind"] == attn) & (effects["layer"] == peak)]
         x, y = sel["direct_effect"].to_numpy(), sel["compensatory_effect"].to_numpy()
-        fit = linear_fit(x, y)
-        ax_b.scatter(x, y, s=10, alpha=0.6, color=ATTN_COLOUR)
-        xs = np.linspace(x.min(), x.max(), 2)
-        ax_b.plot(
-            xs,
-            fit.slope * xs + fit.intercept,
-            color="black",
-            label=f"fit: slope {fit.slope:.2f}, r$^2$ {fit.r2:.2f}, n {fit.n}",
-        )
+        _scatter_fit(ax_b, x, y, ATTN_COLOUR, "fit", line_colour="black")
         _identity_line(ax_b, x, y, "full restoration")
         ax_b.set_title(f"(b) layer {peak} ({_KIND_LABEL[attn]}), highest r$^2$", fontsize=9)
         ax_b.set_xlabel(f"direct effect of ablated site ({UNIT})")
@@ -415,19 +407,7 @@ def plot_response_split(
             ("compensatory_attn", ATTN_COLOUR, "attention (Hydra)"),
             ("compensatory_mlp", MLP_COLOUR, "MLP (erasure)"),
         ):
-            y = sel[column].to_numpy()
-            fit = linear_fit(x, y)
-            ax.scatter(x, y, s=8, alpha=0.5, color=colour)
-            if np.isfinite(fit.slope):
-                xs = np.linspace(x.min(), x.max(), 2)
-                ax.plot(
-                    xs,
-                    fit.slope * xs + fit.intercept,
-                    color=colour,
-                    label=f"{label}: slope {fit.slope:.2f}, r$^2$ {fit.r2:.2f}",
-                )
-            else:
-                ax.plot([], [], color=colour, label=f"{label}: no fit (n={fit.n})")
+            _scatter_fit(ax, x, sel[column].to_numpy(), colour, label)
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_title(f"ablating {_KIND_LABEL[kind].split()[0]} layer {layer}", fontsize=9)
         ax.set_xlabel(f"direct effect of ablated layer ({UNIT})")
@@ -559,6 +539,20 @@ def _prompt_texts(store: ResultsStore) -> dict[Any, str]:
         return {p.id: p.text for p in load_prompts(spec)}
     except DataError:  # the prompt set moved since the sweep: titles fall back to ids
         return {}
+
+
+def _scatter_fit(
+    ax: Axes, x: np.ndarray, y: np.ndarray, colour: str, label: str, line_colour: str | None = None
+) -> None:
+    """Scatter y on x with its least-squares line, labelled with slope, r^2 and n."""
+    fit = linear_fit(x, y)
+    ax.scatter(x, y, s=8, alpha=0.5, color=colour)
+    if np.isfinite(fit.slope):
+        xs = np.linspace(x.min(), x.max(), 2)
+        text = f"{label}: slope {fit.slope:.2f}, r$^2$ {fit.r2:.2f}, n {fit.n}"
+        ax.plot(xs, fit.slope * xs + fit.intercept, color=line_colour or colour, label=text)
+    else:
+        ax.plot([], [], color=line_colour or colour, label=f"{label}: no fit (n {fit.n})")
 
 
 def _kind_colour(kind: str) -> str:
