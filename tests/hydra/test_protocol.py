@@ -13,8 +13,9 @@ def _runs(seed: int, sites: list[str], n_patches: int):
     """Readouts of a fake model whose runs decompose exactly: total = sum of Delta_DE."""
     g = torch.Generator().manual_seed(seed)
     de_clean = torch.randn(len(READOUTS), generator=g, dtype=torch.float64)
-    de_abl = de_clean + torch.randn(len(sites), n_patches, len(READOUTS), generator=g,
-                                    dtype=torch.float64)
+    de_abl = de_clean + torch.randn(
+        len(sites), n_patches, len(READOUTS), generator=g, dtype=torch.float64
+    )
     total = (de_abl - de_clean).sum(-1)
     return de_clean, de_abl, total
 
@@ -39,8 +40,10 @@ def test_compensatory_effect_sums_delta_de_over_downstream_sites_only():
 
 def test_decompose_rejects_readouts_of_the_wrong_shape():
     with pytest.raises(ShapeError, match="de_ablated"):
-        decompose(["attn.0"], READOUTS, torch.zeros(7), torch.zeros(1, 2, 6), torch.zeros(1, 2),
-                  False)
+        decompose(
+            ["attn.0"], READOUTS, torch.zeros(7), torch.zeros(1, 2, 6), torch.zeros(1, 2), False
+        )
     with pytest.raises(ShapeError, match="de_clean"):
-        decompose(["attn.0"], READOUTS, torch.zeros(6), torch.zeros(1, 2, 7), torch.zeros(1, 2),
-                  False)
+        decompose(
+            ["attn.0"], READOUTS, torch.zeros(6), torch.zeros(1, 2, 7), torch.zeros(1, 2), False
+        )
