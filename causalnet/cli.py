@@ -67,7 +67,25 @@ def _parser() -> argparse.ArgumentParser:
         help="std of noise ablation (default: each site's std over the prompts)",
     )
     hydra.add_argument("--seed", type=int, default=0, help="seed of the patch draws (default 0)")
-    hydra.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    hydra.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu or cuda; 'auto' spreads a model too big for one device "
+        "over all GPUs, then CPU, then disk (accelerate's device_map)",
+    )
+    hydra.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="compute the prompts on N Ray workers, each loading the model once (needs "
+        "pip install 'causalnet-scm[ray]'); results equal a single-process run",
+    )
+    hydra.add_argument(
+        "--ray-address",
+        default=None,
+        help="join an existing Ray cluster ('auto', 'ray://host:10001') instead of starting a "
+        "local one",
+    )
     hydra.add_argument(
         "--dtype",
         choices=("float32", "float64", "bfloat16", "float16"),
@@ -107,7 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=args.dtype,
                 device=args.device,
             )
-            out = run_sweep(config, args.out, progress=not args.quiet)
+            out = run_sweep(
+                config,
+                args.out,
+                progress=not args.quiet,
+                workers=args.workers,
+                ray_address=args.ray_address,
+            )
             print(f"results: {out}")
             if not args.no_plots:
                 for path in make_all(out):

@@ -25,8 +25,9 @@ import time
 from importlib import resources
 
 import torch
-from causalnet.adapters import load
 from matplotlib.figure import Figure
+
+from causalnet.adapters import load
 
 K_PATCHES = 15
 SEED = 0

@@ -319,31 +319,51 @@ def run_sweep(
     adapter: Any = None,
     progress: bool = True,
     figure_prompts: int = 1,
+    workers: int = 1,
+    ray_address: str | None = None,
+    executor: Any = None,
 ) -> Path:
     """Run (or resume) the Hydra sweep into the results folder ``out``; returns its path.
 
     Results are written per prompt as they are computed (atomically), so a killed sweep resumes
     where it stopped when run again with the same ``config``; different arguments raise
     :class:`ResultsError`. Per-patch readouts are kept for the first ``figure_prompts`` prompts
-    (Figure 1/3).
+    (Figure 1/3). ``workers > 1`` or a ``ray_address`` computes the prompts on Ray workers
+    (:class:`causalnet.hydra.distributed.RayExecutor`, or the given ``executor``); this process
+    still plans, builds the pool and writes every row, so the results are the same.
+    ``config.device == "auto"`` spreads the model over all devices (:mod:`.devices`).
     """
-    from ..adapters import load  # the adapters import transformers: only when sweeping
+    from .devices import load_for_config  # the adapters import transformers: only when sweeping
 
     t_start = time.perf_counter()
     out = Path(out)
     store = ResultsStore(out)
     store.open(run_arguments(config), resume=True)
     if adapter is None:
-        adapter = load(config.model, dtype=getattr(torch, config.dtype), device=config.device)
+        adapter = load_for_config(config.model, config.dtype, config.device)
     t_loaded = time.perf_counter()
     plan = plan_sweep(config, adapter, out / "pool.pt", progress)
     t_pool = time.perf_counter()
 
     done = store.completed_ids()
     todo = [i for i, p in enumerate(plan.prompts) if p.id not in done]
-    for i in tqdm(todo, desc="hydra sweep", unit="prompt", disable=not progress):
-        rows = compute_prompt(adapter, plan, i, keep_patches=i < figure_prompts)
-        store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
+    if workers < 1:
+        raise CausalNetError(f"workers must be at least 1, got {workers}")
+    if executor is None and (workers > 1 or ray_address is not None):
+        from .distributed import RayExecutor
+
+        executor = RayExecutor(workers=workers, address=ray_address)
+    if executor is None or not todo:
+        for i in tqdm(todo, desc="hydra sweep", unit="prompt", disable=not progress):
+            rows = compute_prompt(adapter, plan, i, keep_patches=i < figure_prompts)
+            store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
+    else:
+        adapter = None  # the workers load their own; let this process's copy go
+
+        def write(rows: PromptRows) -> None:
+            store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
+
+        executor.run(plan, todo, write, figure_prompts=figure_prompts, progress=progress)
     t_end = time.perf_counter()
     store.finalize(
         {
@@ -351,6 +371,7 @@ def run_sweep(
             "n_sites": len(plan.sites),
             "n_readout_sites": len(plan.readout_sites),
             "n_computed_this_run": len(todo),
+            "workers": 1 if executor is None else executor.workers,
             "time_load_s": round(t_loaded - t_start, 3),
             "time_pool_s": round(t_pool - t_loaded, 3),
             "time_sweep_s": round(t_end - t_pool, 3),

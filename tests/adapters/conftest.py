@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from causalnet.adapters import TransformerAdapter, adapt
 from torch import Tensor, nn
 from transformers import (
     GPT2Config,
@@ -37,6 +36,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from causalnet.adapters import TransformerAdapter, adapt
 
 VOCAB = 101
 PROMPT_LEN = 7

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from causalnet.adapters import TransformerAdapter, adapt
-from causalnet.adapters.naive import naive_patch, naive_readout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from causalnet.adapters import TransformerAdapter, adapt
+from causalnet.adapters.naive import naive_patch, naive_readout
 from causalnet.errors import (
     CausalNetError,
     ContextError,

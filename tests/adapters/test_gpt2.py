@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from causalnet.adapters import adapt
-from causalnet.adapters.gpt2 import GPT2Adapter
-from causalnet.adapters.naive import naive_patch, naive_readout
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from causalnet.adapters import adapt
+from causalnet.adapters.gpt2 import GPT2Adapter
+from causalnet.adapters.naive import naive_patch, naive_readout
 from causalnet.errors import ModelError, ShapeError
 
 VOCAB = 101

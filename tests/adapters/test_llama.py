@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from causalnet.adapters import SUPPORTED_FAMILIES, adapt
-from causalnet.adapters.llama import LlamaAdapter
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     LlamaConfig,
@@ -19,6 +17,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from causalnet.adapters import SUPPORTED_FAMILIES, adapt
+from causalnet.adapters.llama import LlamaAdapter
 from causalnet.errors import ContextError, ModelError, UnsupportedModelError
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from causalnet.adapters import load
-from causalnet.adapters import loading as L
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from causalnet.adapters import load
+from causalnet.adapters import loading as L
 from causalnet.errors import ModelError
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from causalnet.adapters import adapt
-from causalnet.adapters.naive import naive_patch, naive_readout
-from causalnet.adapters.neox import NeoXAdapter
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from causalnet.adapters import adapt
+from causalnet.adapters.naive import naive_patch, naive_readout
+from causalnet.adapters.neox import NeoXAdapter
 from causalnet.errors import ModelError
 
 VOCAB = 101

@@ -14,6 +14,7 @@ from importlib import resources
 
 import pytest
 import torch
+
 from causalnet.adapters import load
 from causalnet.adapters import loading as L
 from causalnet.adapters.naive import naive_patch, naive_readout

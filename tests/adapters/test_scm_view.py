@@ -16,8 +16,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from causalnet.adapters import TransformerAdapter, adapt
-from causalnet.adapters.scm import at_positions, to_scm
 from torch import Tensor, nn
 from transformers import (
     GPT2Config,
@@ -28,6 +26,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from causalnet.adapters import TransformerAdapter, adapt
+from causalnet.adapters.scm import at_positions, to_scm
 from causalnet.errors import CausalNetError, ShapeError
 
 VOCAB = 101

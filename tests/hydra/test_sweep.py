@@ -11,13 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from causalnet.adapters import load
 from causalnet.adapters.naive import naive_patch
-from tiny_lm import save_tiny_llama, write_prompts
-
 from causalnet.errors import CausalNetError, ResultsError
 from causalnet.hydra.store import ResultsStore
 from causalnet.hydra.sweep import SweepConfig, ablation_values, run_sweep, select_sites
+from tiny_lm import save_tiny_llama, write_prompts
 
 N_PROMPTS = 12
 
