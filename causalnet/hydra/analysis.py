@@ -125,12 +125,17 @@ def identity_residual(effects: pd.DataFrame) -> pd.Series:
 
 
 def per_layer_agreement(effects: pd.DataFrame) -> pd.DataFrame:
-    """How well the direct effect (Delta_unembed, Eq 10) agrees with the total effect
-    (Delta_ablate, Eq 12) across prompts, per (kind, layer) -- paper Fig 2d.
+    """How well the direct effect (Delta_unembed, Eq 10) agrees with the ablation's effect,
+    per (kind, layer) -- paper Fig 2d.
 
-    Columns: kind, layer, n, mean_direct_effect, mean_total_effect, corr_direct_total
-    (Pearson r of DE and TE over prompts), frac_direct_gt_total (the fraction of prompts with
-    DE > TE; naively one expects TE >= DE, an ablation removing at least the direct effect).
+    The paper's expectation (Section 2.5) is that ablating a layer removes at least its direct
+    effect, i.e. that the *drop* of the target logit, ``drop = -TE`` (clean minus ablated; TE
+    is Eq 12, ablated minus clean), is at least DE; "Delta_unembed > Delta_ablate for most
+    prompts" is that expectation failing. So the comparison is of DE with the drop:
+
+    Columns: kind, layer, n, mean_direct_effect, mean_total_effect (Eq 12 sign), mean_drop,
+    corr_direct_drop (Pearson r of DE and -TE over prompts), frac_direct_gt_drop (the fraction
+    of prompts with DE > -TE: the ablation removed less than the direct effect).
     """
 
     def stats(g: pd.DataFrame) -> dict[str, float]:
@@ -138,8 +143,9 @@ def per_layer_agreement(effects: pd.DataFrame) -> pd.DataFrame:
         return {
             "mean_direct_effect": float(de.mean()),
             "mean_total_effect": float(te.mean()),
-            "corr_direct_total": pearson(de, te),
-            "frac_direct_gt_total": float((de > te).mean()),
+            "mean_drop": float(-te.mean()),
+            "corr_direct_drop": pearson(de, -te),
+            "frac_direct_gt_drop": float((de > -te).mean()),
         }
 
     return _per_layer(effects, stats)

@@ -234,16 +234,16 @@ def plot_agreement(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         sel = rows[rows["kind"] == kind]
         ax.scatter(
             sel["direct_effect"],
-            sel["total_effect"],
+            -sel["total_effect"],
             s=6,
             alpha=0.4,
             color=_kind_colour(kind),
             label=_KIND_LABEL[kind],
         )
-    _identity_line(ax, rows["direct_effect"], rows["total_effect"], "direct = total")
-    ax.set_title("(c) direct vs total effect, all layers and prompts", fontsize=9)
-    ax.set_xlabel(f"direct effect ({UNIT})")
-    ax.set_ylabel(f"total effect ({UNIT})")
+    _identity_line(ax, rows["direct_effect"], -rows["total_effect"], "drop = direct")
+    ax.set_title("(c) direct effect vs ablation drop, all layers and prompts", fontsize=9)
+    ax.set_xlabel(f"direct effect, Eq 10 ({UNIT})")
+    ax.set_ylabel(f"drop = clean - ablated = -total effect ({UNIT})")
     ax.legend(fontsize=7)
     ax = fig.add_subplot(grid[1, 2:4])
     agreement = per_layer_agreement(effects)
@@ -252,7 +252,7 @@ def plot_agreement(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         colour = _kind_colour(kind)
         ax.plot(
             sel["layer"],
-            sel["corr_direct_total"],
+            sel["corr_direct_drop"],
             color=colour,
             marker="o",
             markersize=3,
@@ -260,16 +260,16 @@ def plot_agreement(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         )
         ax.plot(
             sel["layer"],
-            sel["frac_direct_gt_total"],
+            sel["frac_direct_gt_drop"],
             color=colour,
             linestyle="--",
             marker="s",
             markersize=3,
-            label=f"fraction direct > total, {_KIND_LABEL[kind]}",
+            label=f"fraction direct > drop, {_KIND_LABEL[kind]}",
         )
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_title("(d) agreement of direct and total effect per layer", fontsize=9)
+    ax.set_title("(d) agreement of direct effect and ablation drop per layer", fontsize=9)
     _layer_axis(ax, "layer")
     ax.set_ylabel("Pearson r / fraction of prompts")
     ax.legend(fontsize=7)

@@ -61,18 +61,20 @@ def test_linear_fit_and_pearson_known_answers():
     assert np.isnan(pearson(DE, np.ones(8)))
 
 
-def test_agreement_identical_columns_correlate_perfectly_and_never_exceed():
-    same = per_layer_agreement(_effects(DE, te=DE))
+def test_agreement_compares_direct_effect_with_the_ablation_drop():
+    # an ablation that removes exactly the direct effect: drop = -TE = DE
+    same = per_layer_agreement(_effects(DE, te=-DE))
     row = same.iloc[0]
     assert (row["kind"], row["layer"], row["n"]) == ("attn", 3, 8)
-    assert row["corr_direct_total"] == pytest.approx(1.0)
-    assert row["frac_direct_gt_total"] == 0.0
+    assert row["corr_direct_drop"] == pytest.approx(1.0)
+    assert row["frac_direct_gt_drop"] == 0.0
     assert row["mean_direct_effect"] == pytest.approx(DE.mean())
-    # total effect one logit below the direct effect for 6 of 8 prompts
-    te = DE - np.array([1, 1, 1, 1, 1, 1, -1, -1])
+    # the drop is one logit below the direct effect for 6 of 8 prompts (compensation)
+    te = -(DE - np.array([1, 1, 1, 1, 1, 1, -1, -1]))
     row = per_layer_agreement(_effects(DE, te=te)).iloc[0]
-    assert row["frac_direct_gt_total"] == pytest.approx(0.75)
+    assert row["frac_direct_gt_drop"] == pytest.approx(0.75)
     assert row["mean_total_effect"] == pytest.approx(te.mean())
+    assert row["mean_drop"] == pytest.approx(-te.mean())
 
 
 def test_regression_recovers_slope_intercept_and_r2_under_zero_ablation():
@@ -181,7 +183,7 @@ def test_summary_table_on_a_sweep_that_restores_70_percent(synth):
     assert (table["n"] == 12).all()
     assert table["max_abs_identity_residual"].max() < 1e-12
     for column in (
-        "corr_direct_total",
+        "corr_direct_drop",
         "r2",
         "restoration_slope",
         "attn_share",
