@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print the per-layer summary table of a results folder")
     report.add_argument("results", help="results folder written by 'causalnet hydra'")
-    report.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    report.add_argument("--csv", default=None, help="also write the full table to this CSV file")
+    report.add_argument("--all", action="store_true", help="print every column, not the main ones")
     return parser
 
 
@@ -136,31 +137,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_plots:
                 for path in make_all(out):
                     print(f"figure: {path}")
-            _print_report(out, None)
+            _print_report(out, None, False)
         elif args.command == "plot":
             from .hydra.figures import make_all
 
             for path in make_all(args.results):
                 print(f"figure: {path}")
         else:
-            _print_report(args.results, args.csv)
+            _print_report(args.results, args.csv, args.all)
     except CausalNetError as err:
         print(f"causalnet: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def _print_report(results: str, csv: str | None) -> None:
+#: The columns ``causalnet report`` prints by default (``--all`` prints every column).
+REPORT_COLUMNS = [
+    "kind",
+    "layer",
+    "n",
+    "mean_direct_effect",
+    "mean_total_effect",
+    "corr_direct_drop",
+    "frac_direct_gt_drop",
+    "slope",
+    "r2",
+    "mean_compensatory_attn",
+    "mean_compensatory_mlp",
+    "fraction_restored",
+    "max_abs_identity_residual",
+]
+
+
+def _print_report(results: str, csv: str | None, every_column: bool) -> None:
     import pandas as pd
 
-    from .hydra.analysis import summary_table
+    from .hydra.analysis import fraction_restored, summary_table
     from .hydra.store import ResultsStore
 
-    table = summary_table(ResultsStore(results).load_effects())
+    effects = ResultsStore(results).load_effects()
+    table = summary_table(effects)
     if csv:
         table.to_csv(csv, index=False)
-    with pd.option_context("display.max_rows", None, "display.width", 160):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    shown = table if every_column else table[REPORT_COLUMNS]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    restored = fraction_restored(effects)
+    for r in restored.overall.itertuples():
+        print(f"fraction restored, all {r.kind} ablations: {r.fraction_restored:.3f} (n={r.n})")
+    for r in restored.peak.itertuples():
+        print(f"peak fraction restored, {r.kind}: {r.fraction_restored:.3f} at layer {r.layer}")
 
 
 if __name__ == "__main__":
