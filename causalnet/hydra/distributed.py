@@ -1,0 +1,268 @@
+"""Sweeps over many processes and machines with Ray (``causalnet hydra --workers N``).
+
+No scheduler of our own: Ray runs the workers, and the sweep's results folder stays exactly as in
+one process. The design:
+
+- The **driver** (the process that runs :func:`causalnet.hydra.sweep.run_sweep`) opens the one
+  :class:`~causalnet.hydra.store.ResultsStore` (it alone holds the folder's lock and writes), plans
+  the sweep and builds the resample pool once (``pool.pt``, reused on resume).
+- The plan -- prompts, tokens, sites and the pool -- is put into Ray's object store **once**
+  (``ray.put``); the pool travels as a NumPy byte array, which Ray shares read-only (zero copy)
+  between the workers of a node. Workers never recompute the pool.
+- Each **worker** is a Ray actor that loads the model once (:func:`causalnet.hydra.devices.
+  load_for_config`) and keeps it, then runs :func:`~causalnet.hydra.sweep.compute_prompt` for the
+  prompt indices it is sent and returns the rows. ``compute_prompt`` is pure and its random draws
+  depend on (seed, prompt index) only, so a worker returns exactly what one process computes.
+- The driver keeps two prompts in flight per worker and writes each prompt's rows as they arrive
+  (``ray.wait``). Shards are written atomically per prompt and the final tables are sorted, so the
+  folder does not depend on the order of arrival: its tables equal a single-process run's.
+
+**Failures.** A worker that dies (a crash, the OOM killer, ``ray.kill``) loses nothing: Ray
+restarts it (``max_restarts``, the model is loaded again and the plan re-read from the object
+store) and re-runs its unfinished prompts (``max_task_retries=-1``); a worker that dies for good
+(restarts used up, or killed with ``no_restart``) is retired and its unfinished prompts are sent to
+the others. A prompt's rows are written only once, when its first result arrives; the store's
+completed set makes a later resume skip it. If every worker is gone the sweep stops with
+:class:`~causalnet.errors.CausalNetError` (what was written stays; run again to resume). An error
+raised by the computation itself (not a dead worker) stops the sweep as it would in one process.
+
+**Threads and devices.** Each worker asks Ray for ``cpus_per_worker`` CPUs (default 1) and runs
+torch with that many threads, so N workers on N cores do not oversubscribe them (Ray also sets
+``OMP_NUM_THREADS``). With ``device="cuda"`` each worker asks for one GPU (Ray sets
+``CUDA_VISIBLE_DEVICES``); with ``device="auto"`` (a model split over devices,
+:mod:`causalnet.hydra.devices`) each worker asks for as many GPUs as the driver sees.
+A local cluster is started with enough CPUs for the workers when Ray is not running; with an
+address (``--ray-address auto`` or ``ray://host:10001``) the sweep joins an existing cluster,
+whose nodes need causalnet installed and the model at the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CausalNetError
+from .sweep import PromptRows, SweepPlan, compute_prompt
+
+INSTALL_HINT = "pip install 'causalnet-scm[ray]'"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a CausalNetError saying how to install it."""
+    try:
+        import ray
+    except ImportError as err:
+        raise CausalNetError(
+            f"sweeping with several workers needs Ray, which is not installed: {INSTALL_HINT}"
+        ) from err
+    return ray
+
+
+# ---- the plan, packed for the object store ---------------------------------------------------
+@dataclass
+class PackedPlan:
+    """A :class:`SweepPlan` whose pool is a NumPy byte array (any torch dtype, bfloat16 too), so
+    that Ray's object store shares it between the workers of a node without copies."""
+
+    plan: SweepPlan  # with ``pool`` replaced by an empty tensor
+    pool_bytes: np.ndarray
+    pool_dtype: torch.dtype
+    pool_shape: tuple[int, ...]
+
+    @classmethod
+    def pack(cls, plan: SweepPlan) -> PackedPlan:
+        """Pack ``plan`` (its pool moved to the CPU)."""
+        pool = plan.pool.detach().to("cpu").contiguous()
+        raw = pool.view(torch.uint8).numpy() if pool.numel() else np.zeros(0, np.uint8)
+        empty = torch.empty(0, dtype=pool.dtype)
+        return cls(replace(plan, pool=empty), raw, pool.dtype, tuple(pool.shape))
+
+    def unpack(self) -> SweepPlan:
+        """The plan with its pool as a tensor view of the bytes (no copy). Ray's zero-copy
+        arrays are read-only; the sweep only reads the pool, so torch's warning is silenced."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            raw = torch.from_numpy(self.pool_bytes)
+        pool = raw.view(self.pool_dtype).reshape(self.pool_shape)
+        return replace(self.plan, pool=pool)
+
+
+# ---- the worker ------------------------------------------------------------------------------
+class SweepWorker:
+    """One Ray actor: loads the model once, keeps it and the plan, computes prompts."""
+
+    def __init__(self, packed: PackedPlan, threads: int) -> None:
+        from .devices import load_for_config
+
+        torch.set_num_threads(threads)
+        self.plan = packed.unpack()
+        config = self.plan.config
+        device = config.device
+        if device.startswith("cuda"):
+            device = "cuda"  # Ray gives this worker its GPU(s) as CUDA_VISIBLE_DEVICES
+        self.adapter = load_for_config(config.model, config.dtype, device)
+        self.adapter.model.requires_grad_(False)
+
+    def compute(self, index: int, keep_patches: bool) -> PromptRows:
+        """The rows of prompt ``index`` (:func:`causalnet.hydra.sweep.compute_prompt`)."""
+        return compute_prompt(self.adapter, self.plan, index, keep_patches)
+
+    def pid(self) -> int:
+        """The worker's process id (tests kill it)."""
+        return os.getpid()
+
+
+@dataclass
+class RayProgress:
+    """The state of a :class:`RayExecutor` run, shown to its ``on_result`` hook after each write
+    (lists are indexed by worker slot)."""
+
+    workers: list[Any]  # the actor handles
+    alive: list[bool]  # False once a worker died for good
+    per_worker: list[int]  # prompts delivered (and written) by each worker
+    in_flight: list[int]  # prompts sent to each worker and not yet returned
+    n_written: int = 0
+    n_resubmitted: int = 0  # prompts sent again after their worker died for good
+    written: set[int] = field(default_factory=set)  # prompt indices written
+
+
+@dataclass
+class RayExecutor:
+    """Runs a sweep's prompts on ``workers`` Ray actors (see the module docstring).
+
+    ``address``: an existing cluster (``"auto"``, ``"ray://host:10001"``, ...); None joins the
+    Ray already initialised in this process or starts a local one (shut down afterwards).
+    ``on_result(progress)`` is called after each prompt is written (monitoring, tests).
+    """
+
+    workers: int = 2
+    address: str | None = None
+    cpus_per_worker: int = 1
+    gpus_per_worker: float | None = None
+    max_restarts: int = 2
+    in_flight: int = 2
+    on_result: Callable[[RayProgress], None] | None = None
+    stats: RayProgress | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise CausalNetError(f"workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker < 1 or self.in_flight < 1 or self.max_restarts < 0:
+            raise CausalNetError("cpus_per_worker and in_flight must be >= 1, max_restarts >= 0")
+
+    def _gpus(self, device: str) -> float:
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        if device.startswith("cuda"):
+            return 1.0
+        if device == "auto":
+            return float(torch.cuda.device_count())
+        return 0.0
+
+    def _init(self, ray: Any) -> bool:
+        """Connect to (or start) Ray; True if this call started it (and must shut it down)."""
+        if ray.is_initialized():
+            return False
+        if self.address is not None:
+            ray.init(address=self.address)
+        else:
+            cpus = max(os.cpu_count() or 1, self.workers * self.cpus_per_worker)
+            ray.init(num_cpus=cpus, include_dashboard=False)
+        return True
+
+    def run(
+        self,
+        plan: SweepPlan,
+        todo: list[int],
+        write: Callable[[PromptRows], None],
+        figure_prompts: int = 1,
+        progress: bool = True,
+    ) -> RayProgress:
+        """Compute prompts ``todo`` (indices into ``plan.prompts``) on the workers and ``write``
+        each one's rows exactly once, in the driver, as they arrive."""
+        ray = import_ray()
+        started = self._init(ray)
+        actors: list[Any] = []
+        try:
+            packed = ray.put(PackedPlan.pack(plan))
+            remote = ray.remote(SweepWorker).options(
+                num_cpus=self.cpus_per_worker,
+                num_gpus=self._gpus(plan.config.device),
+                max_restarts=self.max_restarts,
+                max_task_retries=-1,
+            )
+            n = min(self.workers, max(len(todo), 1))
+            actors = [remote.remote(packed, self.cpus_per_worker) for _ in range(n)]
+            state = RayProgress(actors, [True] * n, [0] * n, [0] * n)
+            self.stats = state
+            self._loop(ray, state, todo, write, figure_prompts, progress)
+            return state
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+
+    def _loop(
+        self,
+        ray: Any,
+        state: RayProgress,
+        todo: list[int],
+        write: Callable[[PromptRows], None],
+        figure_prompts: int,
+        progress: bool,
+    ) -> None:
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        queue = deque(todo)
+        pending: dict[Any, tuple[int, int]] = {}  # ref -> (prompt index, worker slot)
+        load = state.in_flight
+        last_error: BaseException | None = None
+        bar = tqdm(total=len(todo), desc="hydra sweep (ray)", unit="prompt", disable=not progress)
+        try:
+            while queue or pending:
+                for slot, actor in enumerate(state.workers):
+                    while state.alive[slot] and load[slot] < self.in_flight and queue:
+                        index = queue.popleft()
+                        if index in state.written:
+                            continue
+                        ref = actor.compute.remote(index, index < figure_prompts)
+                        pending[ref] = (index, slot)
+                        load[slot] += 1
+                if not pending:
+                    raise CausalNetError(
+                        f"every Ray worker died; {len(queue)} prompts were not computed (what "
+                        f"was written is kept: run again to resume). Last error: {last_error}"
+                    )
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                index, slot = pending.pop(ref)
+                load[slot] -= 1
+                try:
+                    rows = ray.get(ref)
+                except RayActorError as err:  # the worker died: redo the prompt elsewhere
+                    last_error = err
+                    if isinstance(err, ActorDiedError):
+                        state.alive[slot] = False
+                    if index not in state.written:
+                        queue.appendleft(index)
+                        state.n_resubmitted += 1
+                    continue
+                if rows.index in state.written:
+                    continue
+                write(rows)
+                state.written.add(rows.index)
+                state.n_written += 1
+                state.per_worker[slot] += 1
+                bar.update()
+                if self.on_result is not None:
+                    self.on_result(state)
+        finally:
+            bar.close()
