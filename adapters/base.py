@@ -38,6 +38,7 @@ SHARED MACHINERY (below the block methods; works for every family through them):
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -429,6 +430,14 @@ class TransformerAdapter(ABC):
         """
         _check_granularity(granularity)
         tokens = self._check_tokens(tokens, ndim=2)
+        run = self._run_layers(tokens, granularity, cache)
+        with torch.no_grad():
+            run.logits = self.logits(run.resid_final)
+        return run
+
+    def _run_layers(self, tokens: Tensor, granularity: Granularity, cache: bool) -> FullRun:
+        """:meth:`forward` without the vocabulary projection (``logits`` left empty): the
+        clean run needs the logits at one position only, the pool of site values none."""
         n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
         with torch.no_grad():
             positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -467,10 +476,9 @@ class TransformerAdapter(ABC):
                     pre_cache.append(pre)
                     mid_cache.append(mid)
             sigma = self.final_scale(z)
-            logits = self.logits(z)
         return FullRun(
             tokens=tokens,
-            logits=logits,
+            logits=z.new_empty(0),
             resid_final=z,
             sigma=sigma,
             values=values,
@@ -505,12 +513,12 @@ class TransformerAdapter(ABC):
                 f"(valid: {-n}..{n - 1})"
             )
         t = position % n
-        run = self.forward(tokens[: t + 1], granularity=granularity, cache=True)
+        run = self._run_layers(tokens[None, : t + 1], granularity, cache=True)
         assert run.k_cache is not None and run.v_cache is not None and run.z_heads is not None
         assert run.resid_pre is not None and run.resid_mid is not None
         readout_sites = self.readout_sites(granularity)
         with torch.no_grad():
-            logits = run.logits[0, t]
+            logits = self.logits(run.resid_final[0, t])
             target = int(torch.argmax(logits))
             w, const = self.readout(target)
             sigma = run.sigma[0, t]
@@ -600,9 +608,27 @@ class TransformerAdapter(ABC):
         with torch.no_grad():
             return self._patch(clean, parsed, values, head_gran)
 
+    def _final_step(self, clean: CleanRun) -> FinalStep:
+        """The per-layer computation of :meth:`patch` for rows at the clean run's position
+        (:class:`FinalStep`, from the block methods). A family may return a faster subclass
+        that computes the same numbers (Llama: :class:`causalnet.adapters.llama.LlamaFinalStep`).
+        """
+        return FinalStep(self, clean)
+
     def _patch(
         self, clean: CleanRun, parsed: list[Site], values: Tensor, head_gran: bool
     ) -> PatchedRun:
+        """The layer-synchronous engine behind :meth:`patch` (see its docstring).
+
+        Rows (site s, patch p) are sorted by entry key e(s) = -1 (embed), 2l (attn.l or its
+        heads), 2l + 1 (mlp.l). At layer l the rows with e < 2l are running: their attention at
+        t is recomputed (:class:`FinalStep`); the rows with e = 2l enter with their patched
+        attention output; all rows with e <= 2l then run the MLP (sequential residual), and the
+        rows with e = 2l + 1 enter with their patched MLP output. ``num[r, j]`` accumulates
+        c_j . w_i, the numerator of readout site j's direct effect in row r; it starts at the
+        clean values (sites below a row's entry are unchanged) and is divided by each row's own
+        sigma at the end.
+        """
         assert clean._resid_pre is not None and clean._resid_mid is not None
         assert clean._attn is not None and clean._heads is not None and clean._mlp is not None
         n_sites, n_patch, d = values.shape
@@ -615,14 +641,14 @@ class TransformerAdapter(ABC):
         # Entry key: embed -1; attention site of layer l: 2l; MLP site of layer l: 2l + 1.
         keys = [-1 if s.kind == "embed" else 2 * s.layer + (s.kind == "mlp") for s in parsed]
         order = sorted(range(n_sites), key=keys.__getitem__)
+        sorted_keys = [keys[i] for i in order]
         order_t = torch.tensor(order, device=dev)
         vals = values[order_t].reshape(n_rows, d)
-        row_key = torch.tensor([keys[i] for i in order], device=dev).repeat_interleave(n_patch)
         row_head = torch.tensor([parsed[i].head for i in order], device=dev)
         row_head = row_head.repeat_interleave(n_patch)
 
         def bound(k: int) -> int:  # number of rows whose entry key is < k
-            return int(torch.searchsorted(row_key, torch.tensor(k, device=dev)))
+            return bisect.bisect_left(sorted_keys, k) * n_patch
 
         num = (clean.site_values @ w).expand(n_rows, -1).clone()  # c . w_i per row, readout site
         vals_w = vals @ w
@@ -631,6 +657,7 @@ class TransformerAdapter(ABC):
         z[:n_embed] = vals[:n_embed]
         num[:n_embed, col["embed"]] = vals_w[:n_embed]
         parallel = self.arch.parallel_residual
+        step = self._final_step(clean)
         for layer in range(self.arch.n_layers):
             run, a_end, m_end = bound(2 * layer), bound(2 * layer + 1), bound(2 * layer + 2)
             if m_end == 0:
@@ -640,18 +667,16 @@ class TransformerAdapter(ABC):
             acol = -1 if head_gran else col[f"attn.{layer}"]
             pre = clean._resid_pre[layer]
             # 1. rows already running: recompute attention at t against the cached prefix.
-            parts = []
+            a_run = None
             if run > 0:
-                zh = self._attend_final(layer, z[:run], clean)
+                a_run, head_num = step.attention(layer, z[:run], head_gran)
                 if head_gran:
-                    hc = self.head_outputs(layer, zh)  # [run, H, d]
-                    a_run = hc.sum(-2)
-                    num[:run, hcol : hcol + n_heads] = hc @ w
+                    assert head_num is not None
+                    num[:run, hcol : hcol + n_heads] = head_num
                 else:
-                    a_run = self.attn_output(layer, zh)
                     num[:run, acol] = a_run @ w
-                parts.append(a_run)
             # 2. rows entering at this layer's attention: their patched attention output.
+            a_ent = None
             if a_end > run:
                 v = vals[run:a_end]
                 heads = row_head[run:a_end]
@@ -665,25 +690,25 @@ class TransformerAdapter(ABC):
                     num[rows, hcol + heads] = vals_w[run:a_end]
                 else:
                     num[run:a_end, acol] = a_ent @ w
-                parts.append(a_ent)
-            a_all = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
             if not parallel:
-                if a_all is not None:
-                    z[run:a_end] = pre
-                    z[:a_end] += a_all
-                    m = self.mlp(layer, z[:a_end])
+                if a_run is not None:
+                    z[:run] += a_run
+                if a_ent is not None:
+                    torch.add(pre, a_ent, out=z[run:a_end])
+                if a_end > 0:
+                    m = step.mlp(layer, z[:a_end])
                     num[:a_end, mcol] = m @ w
                     z[:a_end] += m
                 if m_end > a_end:  # rows entering at this layer's MLP
-                    z[a_end:m_end] = clean._resid_mid[layer] + vals[a_end:m_end]
+                    torch.add(clean._resid_mid[layer], vals[a_end:m_end], out=z[a_end:m_end])
                     num[a_end:m_end, mcol] = vals_w[a_end:m_end]
             else:
-                if run > 0:
-                    m = self.mlp(layer, z[:run])  # reads the same residual as the attention
+                if a_run is not None:
+                    m = step.mlp(layer, z[:run])  # reads the same residual as the attention
                     num[:run, mcol] = m @ w
-                    z[:run] += parts[0] + m
-                if a_end > run:
-                    z[run:a_end] = pre + parts[-1] + clean._mlp[layer]
+                    z[:run] += a_run + m
+                if a_ent is not None:
+                    z[run:a_end] = pre + a_ent + clean._mlp[layer]
                 if m_end > a_end:
                     z[a_end:m_end] = pre + clean._attn[layer] + vals[a_end:m_end]
                     num[a_end:m_end, mcol] = vals_w[a_end:m_end]
@@ -704,21 +729,104 @@ class TransformerAdapter(ABC):
             total_effect=centred - clean.centred_logit,
         )
 
-    def _attend_final(self, layer: int, resid: Tensor, clean: CleanRun) -> Tensor:
-        """Heads at the readout position t for rows of residuals [N, d] -> [N, H, dh].
 
-        Each row's own key/value at t is recomputed; the keys/values of the positions before t
-        are the clean run's (shared by all rows, unchanged by an intervention at t).
-        """
-        t = clean.position
-        pos = torch.tensor([t], device=resid.device)
-        q, k, v = self.qkv(layer, resid[:, None, :], pos)  # [N, 1, H(kv), dh]
-        n = resid.shape[0]
-        k_prev, v_prev = clean._k[layer], clean._v[layer]  # [t, Hkv, dh]
-        keys = torch.cat([k_prev.expand(n, *k_prev.shape), k], dim=1)
-        vals = torch.cat([v_prev.expand(n, *v_prev.shape), v], dim=1)
-        k_pos = torch.arange(t + 1, device=resid.device)
-        return self.attend(layer, q, keys, vals, pos, k_pos)[:, 0]
+class FinalStep:
+    """One decoder layer at the clean run's position t for N rows of residuals: the inner loop
+    of :meth:`TransformerAdapter.patch`, made once per call, from the block methods.
+
+    An intervention at t changes nothing at the positions s < t, so row r's heads at layer l are
+
+        z_{r,h} = sum_{s<t} p_{r,h,s} v_s + p_{r,h,t} v_{r,t},
+        p_{r,h,.} = softmax( [q_{r,h} . k_s * scale]_{s<t visible},  q_{r,h} . k_{r,t} * scale )
+
+    with the keys/values k_s, v_s of the earlier positions from the clean run (shared by all
+    rows; a sliding window keeps t - s < window) and the row's own q, k, v at t (query head h
+    reads key/value head h // (H / Hkv), as ``repeat_kv``). The prefix scores and values are
+    batched matrix products over the key/value heads, so the prefix is never copied per row.
+    Half-precision scores are softmaxed in float32, as in :meth:`TransformerAdapter.attend`.
+
+    Subclasses may compute q and k in another frame (:meth:`rows_qkv`, :meth:`prefix_keys`,
+    :meth:`self_score_weight`) as long as the scores are the same numbers.
+    """
+
+    def __init__(self, adapter: TransformerAdapter, clean: CleanRun) -> None:
+        self.adapter = adapter
+        self.clean = clean
+        self.t = clean.position
+        self.readout_dir = clean.readout_dir
+        self.scale = adapter.attn_scale
+        self.positions = torch.tensor([self.t], device=clean.readout_dir.device)
+        self._prefixes: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def visible(self, layer: int) -> slice:
+        """The cached positions s < t that position t attends to at ``layer``."""
+        window = self.adapter.attention_window(layer)
+        return slice(0 if window is None else max(0, self.t - window + 1), self.t)
+
+    def prefix_keys(self, layer: int, keys: Tensor) -> Tensor:
+        """The clean keys of the visible earlier positions [t', Hkv, dh] in the frame of
+        :meth:`rows_qkv`'s queries (here: as cached)."""
+        return keys
+
+    def self_score_weight(self, layer: int) -> Tensor | None:
+        """A weight D [dh] with q_t . k_t = sum_j q'_j k'_j D_j in the frame of
+        :meth:`rows_qkv` (None: D = 1)."""
+        return None
+
+    def rows_qkv(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [N, H, dh], k and v [N, Hkv, dh] of the rows at t (``qkv`` of the block methods)."""
+        q, k, v = self.adapter.qkv(layer, resid[:, None, :], self.positions)
+        return q[:, 0], k[:, 0], v[:, 0]
+
+    def _prefix(self, layer: int) -> tuple[Tensor, Tensor]:
+        """[Hkv, dh, t'] scaled keys (scores = q @ keys) and [Hkv, t', dh] values, cached."""
+        if layer not in self._prefixes:
+            span = self.visible(layer)
+            k = self.prefix_keys(layer, self.clean._k[layer][span]) * self.scale
+            v = self.clean._v[layer][span]
+            self._prefixes[layer] = (
+                k.permute(1, 2, 0).contiguous(),
+                v.transpose(0, 1).contiguous(),
+            )
+        return self._prefixes[layer]
+
+    def heads(self, layer: int, resid: Tensor) -> Tensor:
+        """The heads' outputs before the output projection: resid [N, d] -> z [N, H, dh]."""
+        q, k, v = self.rows_qkv(layer, resid)
+        k_prev, v_prev = self._prefix(layer)  # [Hkv, dh, t'], [Hkv, t', dh]
+        n, n_heads, d_head = q.shape
+        n_kv = k.shape[1]
+        group = n_heads // n_kv
+        qg = q.reshape(n, n_kv, group, d_head).transpose(0, 1)  # [Hkv, N, g, dh]
+        qg = qg.reshape(n_kv, n * group, d_head)  # one copy of the queries, head-major
+        weight = self.self_score_weight(layer)
+        k_self = k.transpose(0, 1)[:, :, None, :] * self.scale  # [Hkv, N, 1, dh]
+        if weight is not None:
+            k_self = k_self * weight
+        s_self = (qg.view(n_kv, n, group, d_head) * k_self).sum(-1)  # [Hkv, N, g]
+        scores = torch.cat([torch.bmm(qg, k_prev), s_self.view(n_kv, n * group, 1)], dim=-1)
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        t_prev = k_prev.shape[-1]
+        z = torch.bmm(probs[..., :t_prev], v_prev).view(n_kv, n, group, d_head)
+        p_self = probs[..., t_prev:].view(n_kv, n, group, 1)
+        z.addcmul_(p_self, v.transpose(0, 1)[:, :, None, :])
+        return z.transpose(0, 1).reshape(n, n_heads, d_head)
+
+    def attention(self, layer: int, resid: Tensor, per_head: bool) -> tuple[Tensor, Tensor | None]:
+        """The attention output a [N, d] of the rows and, with ``per_head``, each head's
+        direct-effect numerator (head contribution . w_i) [N, H] (else None)."""
+        zh = self.heads(layer, resid)
+        if not per_head:
+            return self.adapter.attn_output(layer, zh), None
+        contrib = self.adapter.head_outputs(layer, zh)  # [N, H, d]
+        return contrib.sum(-2), contrib @ self.readout_dir
+
+    def mlp(self, layer: int, resid: Tensor) -> Tensor:
+        """The MLP's contribution m [N, d] of the rows (``mlp`` of the block methods)."""
+        return self.adapter.mlp(layer, resid)
 
 
 def _check_granularity(granularity: str) -> None:

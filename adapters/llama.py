@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, TransformerAdapter
+from . import kernels
+from .base import Architecture, CleanRun, FinalStep, HookPoints, TransformerAdapter
 
 # Hugging Face classes whose forward is exactly the block structure above.
 _CLASSES = {
@@ -36,6 +37,8 @@ _CLASSES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
+# The families' RMSNorm classes: weight * (x / sqrt(mean(x ** 2) + eps)) computed in float32.
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 # Config switches of neighbouring families that change the math; refused if set.
 _REFUSED_SWITCHES = (
     "attn_logit_softcapping",
@@ -120,15 +123,21 @@ class LlamaAdapter(TransformerAdapter):
         resid [..., T, d], positions [T] -> q [..., T, H, dh], k and v [..., T, Hkv, dh].
         Rotary: x * cos + rotate_half(x) * sin, cos/sin from ``model.model.rotary_emb``.
         """
-        attn = self._body.layers[layer].self_attn
-        x = self._body.layers[layer].input_layernorm(resid)
-        dh = self.arch.d_head
-        q = attn.q_proj(x).unflatten(-1, (-1, dh))
-        k = attn.k_proj(x).unflatten(-1, (-1, dh))
-        v = attn.v_proj(x).unflatten(-1, (-1, dh))
-        cos, sin = self._body.rotary_emb(x, positions[None])  # [1, T, dh]
+        q, k, v = self._qkv_unrotated(layer, resid)
+        cos, sin = self._body.rotary_emb(resid, positions[None])  # [1, T, dh]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # broadcast over heads
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _qkv_unrotated(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [..., H, dh], k and v [..., Hkv, dh] = {q,k,v}_proj(input_layernorm(z)), no rotary."""
+        block = self._body.layers[layer]
+        attn = block.self_attn
+        x = _norm(block.input_layernorm, resid)
+        dh = self.arch.d_head
+        q = _linear(attn.q_proj, x).unflatten(-1, (-1, dh))
+        k = _linear(attn.k_proj, x).unflatten(-1, (-1, dh))
+        v = _linear(attn.v_proj, x).unflatten(-1, (-1, dh))
+        return q, k, v
 
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l.hH = W_O[:, H] z_H (+ b_O / H)``: [..., H, dh] -> [..., H, d]."""
@@ -141,14 +150,25 @@ class LlamaAdapter(TransformerAdapter):
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l = o_proj(concat_H z_H)`` (fused): [..., H, dh] -> [..., d]."""
-        return self._body.layers[layer].self_attn.o_proj(z.flatten(-2))
+        return _linear(self._body.layers[layer].self_attn.o_proj, z.flatten(-2))
 
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
-        """SwiGLU: ``down(act(gate(x)) * up(x))``, x = post_attention_layernorm(z): [..., d]."""
+        """SwiGLU: ``down(act(gate(x)) * up(x))``, x = post_attention_layernorm(z): [..., d].
+
+        With SiLU and plain linear modules the activation and the gating are fused into the
+        gate and up matrix multiplies (:mod:`causalnet.adapters.kernels`).
+        """
         block = self._body.layers[layer]
-        x = block.post_attention_layernorm(resid)
+        x = _norm(block.post_attention_layernorm, resid)
         mlp = block.mlp
-        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        if type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU") and all(
+            _plain_linear(m) for m in (gate, up, down)
+        ):
+            g = kernels.linear_silu(x, gate.weight, gate.bias)
+            h = kernels.linear_mul(x, g, up.weight, up.bias)
+            return kernels.linear(h, down.weight, down.bias)
+        return down(mlp.act_fn(gate(x)) * up(x))
 
     def final_scale(self, resid: Tensor) -> Tensor:
         """``sigma = 1 / rsqrt(mean(z^2) + eps)`` in float32, as Hugging Face's RMSNorm."""
@@ -183,6 +203,25 @@ class LlamaAdapter(TransformerAdapter):
         u, const = self._centred_unembed(token)
         return self._body.norm(resid) @ u + const
 
+    # ---- the patch engine's inner loop -----------------------------------------------------
+    def _final_step(self, clean: CleanRun) -> FinalStep:
+        """:class:`LlamaFinalStep` where its shortcuts are exact (this class's own block
+        methods, not a subclass's; rotary tables with equal halves), else the generic step."""
+        own = all(
+            getattr(type(self), name) is getattr(LlamaAdapter, name)
+            for name in ("qkv", "_qkv_unrotated", "attn_output", "head_outputs", "mlp")
+        )
+        if own:
+            probe = clean.readout_dir.new_zeros(1)
+            cos, sin = self._body.rotary_emb(
+                probe, torch.tensor([[clean.position]]).to(probe.device)
+            )
+            cos, sin = cos[0, 0], sin[0, 0]
+            half = cos.shape[-1] // 2
+            if torch.equal(cos[:half], cos[half:]) and torch.equal(sin[:half], sin[half:]):
+                return LlamaFinalStep(self, clean, cos, sin)
+        return super()._final_step(clean)
+
     # ---- hooks for the naive oracle ------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:
         block = self._body.layers[layer]
@@ -196,3 +235,80 @@ def _rotate_half(x: Tensor) -> Tensor:
     """``[x1 | x2] -> [-x2 | x1]`` over the last dimension (Llama's rotary convention)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run more than its own forward (hooks, accelerate)."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None)
+    )
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not _hooked(module)
+
+
+def _linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for an ``nn.Linear``, on :func:`causalnet.adapters.kernels.linear` when the
+    module is a plain one (else the module's own call)."""
+    if _plain_linear(module):
+        return kernels.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def _norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """The model's RMSNorm ``weight * x / sqrt(mean(x ** 2) + eps)``: in float32 by
+    ``torch.rms_norm`` (one fused pass, equal to the module's float32 arithmetic), otherwise by
+    the module itself (which computes in float32 and casts back)."""
+    w = getattr(norm, "weight", None)
+    plain = type(norm).__name__ in _RMS_NORMS and not _hooked(norm) and w is not None
+    if plain and x.dtype == torch.float32 and w.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), w, norm.variance_epsilon)
+    return norm(x)
+
+
+class LlamaFinalStep(FinalStep):
+    """The patch engine's inner loop for the Llama family, rotary folded into the prefix.
+
+    Rotary at position p is x -> R_p x with R_p x = x * cos_p + rotate_half(x) * sin_p, a
+    rotation of each pair (j, j + dh/2) scaled by sqrt(cos^2 + sin^2) when the cos/sin tables
+    have equal halves (checked). So for the rows' query and key at t and a clean key k_s (cached
+    already rotated, k_s = R_s k'_s):
+
+        (R_t q) . k_s       = q . (R_t^T k_s),      R_t^T y = y * cos_t - rotate_half(y) * sin_t
+        (R_t q) . (R_t k)   = sum_j q_j k_j D_j,    D = cos_t^2 + sin_t^2   (1 for plain RoPE)
+
+    The rows' q and k are therefore never rotated: the clean prefix keys are rotated back once
+    per layer (:meth:`prefix_keys`) and the self score carries D (:meth:`self_score_weight`).
+    Per-head direct effects (head granularity) never form the [N, H, d] contributions:
+    contrib_h . w_i = z_h . (W_O[:, h]^T w_i) + (b_O . w_i) / H.
+    """
+
+    def __init__(self, adapter: LlamaAdapter, clean: CleanRun, cos: Tensor, sin: Tensor) -> None:
+        super().__init__(adapter, clean)
+        self.llama = adapter
+        self.cos, self.sin = cos, sin
+        self.weight = cos * cos + sin * sin
+
+    def rows_qkv(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.llama._qkv_unrotated(layer, resid)
+
+    def prefix_keys(self, layer: int, keys: Tensor) -> Tensor:
+        return keys * self.cos - _rotate_half(keys) * self.sin
+
+    def self_score_weight(self, layer: int) -> Tensor | None:
+        return self.weight
+
+    def attention(self, layer: int, resid: Tensor, per_head: bool) -> tuple[Tensor, Tensor | None]:
+        zh = self.heads(layer, resid)  # [N, H, dh]
+        a = self.llama.attn_output(layer, zh)
+        if not per_head:
+            return a, None
+        o_proj = self.llama._body.layers[layer].self_attn.o_proj
+        arch = self.llama.arch
+        w_o = o_proj.weight.view(arch.d_model, arch.n_heads, arch.d_head)
+        u = torch.einsum("dhk,d->hk", w_o, self.readout_dir)  # W_O[:, h]^T w_i, [H, dh]
+        num = (zh * u).sum(-1)
+        if o_proj.bias is not None:
+            num = num + (o_proj.bias @ self.readout_dir) / arch.n_heads
+        return a, num
