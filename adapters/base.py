@@ -39,6 +39,7 @@ SHARED MACHINERY (below the block methods; works for every family through them):
 from __future__ import annotations
 
 import bisect
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -435,14 +436,23 @@ class TransformerAdapter(ABC):
             run.logits = self.logits(run.resid_final)
         return run
 
-    def _run_layers(self, tokens: Tensor, granularity: Granularity, cache: bool) -> FullRun:
+    def _run_layers(
+        self, tokens: Tensor, granularity: Granularity, cache: bool, at: Tensor | None = None
+    ) -> FullRun:
         """:meth:`forward` without the vocabulary projection (``logits`` left empty): the
-        clean run needs the logits at one position only, the pool of site values none."""
+        clean run needs the logits at one position only, the pool of site values none. With
+        ``at`` [B] (one position per sequence) the site values are kept at those positions
+        only ([B, d] instead of [B, T, d])."""
         n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
+        rows = None if at is None else torch.arange(tokens.shape[0], device=tokens.device)
+
+        def keep(x: Tensor) -> Tensor:
+            return x if at is None else x[rows, at]
+
         with torch.no_grad():
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             z = self.embed(tokens)
-            values: dict[str, Tensor] = {"embed": z}
+            values: dict[str, Tensor] = {"embed": keep(z)}
             k_cache: list[Tensor] = []
             v_cache: list[Tensor] = []
             zh_cache: list[Tensor] = []
@@ -455,9 +465,9 @@ class TransformerAdapter(ABC):
                 if granularity == "head":
                     hc = self.head_outputs(layer, zh)
                     for h in range(n_heads):
-                        values[f"attn.{layer}.h{h}"] = hc[..., h, :]
+                        values[f"attn.{layer}.h{h}"] = keep(hc[..., h, :])
                 else:
-                    values[f"attn.{layer}"] = a
+                    values[f"attn.{layer}"] = keep(a)
                 pre = z
                 if self.arch.parallel_residual:
                     m = self.mlp(layer, z)
@@ -468,7 +478,7 @@ class TransformerAdapter(ABC):
                     mid = z
                     m = self.mlp(layer, z)
                     z = z + m
-                values[f"mlp.{layer}"] = m
+                values[f"mlp.{layer}"] = keep(m)
                 if cache:
                     k_cache.append(k)
                     v_cache.append(v)
@@ -552,6 +562,48 @@ class TransformerAdapter(ABC):
             _heads=heads,
             _mlp=torch.stack([run.values[f"mlp.{lay}"][0, t] for lay in range(self.arch.n_layers)]),
         )
+
+    def final_values(
+        self,
+        prompts: list[Tensor],
+        granularity: Granularity = "layer",
+        batch_tokens: int = 1024,
+    ) -> Tensor:
+        """Every readout site's value at each prompt's last token: [n_prompts, R, d].
+
+        The numbers of ``torch.stack([clean_run(p, granularity).site_values for p in prompts])``
+        (up to float rounding: other matrix shapes), for many prompts at once -- the pool of a
+        sweep's ablation values. Prompts sorted by length are cut into batches of at most
+        ``batch_tokens`` padded tokens, right-padded to their batch's longest prompt, and run
+        through the layers without the vocabulary projection. Right padding is exact: attention
+        is causal, so a real position never reads a padded (later) one, and positions (rotary
+        or learned) are absolute, the same as the prompt's alone.
+        """
+        _check_granularity(granularity)
+        toks = [self._check_tokens(p, ndim=1) for p in prompts]
+        sites = self.readout_sites(granularity)
+        out = torch.empty(
+            len(toks), len(sites), self.arch.d_model, dtype=self.dtype, device=self.device
+        )
+        order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and (stop - start + 1) * len(toks[order[stop]]) <= batch_tokens:
+                stop += 1
+            batch = order[start:stop]
+            padded = torch.zeros(
+                len(batch), len(toks[batch[-1]]), dtype=torch.long, device=self.device
+            )
+            for row, i in enumerate(batch):
+                padded[row, : len(toks[i])] = toks[i]
+            last = torch.tensor([len(toks[i]) - 1 for i in batch], device=self.device)
+            run = self._run_layers(padded, granularity, cache=False, at=last)
+            index = torch.tensor(batch, device=self.device)
+            with torch.no_grad():
+                out[index] = torch.stack([run.values[s] for s in sites], dim=1)
+            start = stop
+        return out
 
     # ---- fast patching -----------------------------------------------------------------------
     def patch(self, clean: CleanRun, sites: list[str], values: Tensor) -> PatchedRun:
@@ -827,6 +879,31 @@ class FinalStep:
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
         """The MLP's contribution m [N, d] of the rows (``mlp`` of the block methods)."""
         return self.adapter.mlp(layer, resid)
+
+
+_VOCAB_MEANS: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def vocab_mean(w_u: Tensor) -> Tensor:
+    """``mean_j W_U[j]`` [d] of an unembedding matrix [V, d], computed once per weight.
+
+    Every readout needs it (the centring of Eq 9) and it reads the whole [V, d] matrix, so it
+    is cached per tensor, keyed by its storage, shape, dtype, device and in-place version counter
+    (an edited or replaced weight is averaged again).
+    """
+    key = (w_u.data_ptr(), tuple(w_u.shape), w_u.dtype, w_u.device, w_u._version)
+    hit = _VOCAB_MEANS.get(id(w_u))
+    if hit is not None and hit[0]() is w_u and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        mean = w_u.mean(0)
+    ident = id(w_u)
+
+    def forget(_: weakref.ref) -> None:
+        _VOCAB_MEANS.pop(ident, None)
+
+    _VOCAB_MEANS[ident] = (weakref.ref(w_u, forget), key, mean)
+    return mean
 
 
 def _check_granularity(granularity: str) -> None:

@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from causalnet.errors import ModelError, ShapeError
 
-from .base import Architecture, HookPoints, TransformerAdapter
+from .base import Architecture, HookPoints, TransformerAdapter, vocab_mean
 
 
 def _layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def _centred_unembed(w_u: Tensor, head_bias: Tensor | None, token: int) -> tuple
     if not 0 <= token < w_u.shape[0]:
         raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
     with torch.no_grad():
-        u = w_u[token] - w_u.mean(0)
+        u = w_u[token] - vocab_mean(w_u)
         const = 0.0 if head_bias is None else float(head_bias[token] - head_bias.mean())
     return u, const
 

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from causalnet.errors import ModelError
 
 from . import kernels
-from .base import Architecture, CleanRun, FinalStep, HookPoints, TransformerAdapter
+from .base import (
+    Architecture,
+    CleanRun,
+    FinalStep,
+    HookPoints,
+    TransformerAdapter,
+    vocab_mean,
+)
 
 # Hugging Face classes whose forward is exactly the block structure above.
 _CLASSES = {
@@ -186,7 +193,7 @@ class LlamaAdapter(TransformerAdapter):
         w_u = self._head.weight
         if not 0 <= token < w_u.shape[0]:
             raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
-        u = w_u[token] - w_u.mean(0)
+        u = w_u[token] - vocab_mean(w_u)
         bias = self._head.bias
         const = 0.0 if bias is None else float(bias[token] - bias.mean())
         return u, const

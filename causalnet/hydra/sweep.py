@@ -130,12 +130,19 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 def build_pool(
     adapter: Any, tokens: list[Tensor], site_index: Tensor, granularity: str, progress: bool
 ) -> Tensor:
-    """Clean final-position values of the ablated sites for every prompt: [n, n_sites, d]."""
+    """Clean final-position values of the ablated sites for every prompt: [n, n_sites, d].
+
+    The values of each prompt's clean run (``clean_run(tokens).site_values[site_index]``),
+    computed in batches of right-padded prompts without the vocabulary projection
+    (:meth:`causalnet.adapters.TransformerAdapter.final_values`; equal up to float rounding).
+    """
+    chunk = 64  # prompts per call: bounds the memory of head-granularity values
     rows = []
-    for toks in tqdm(tokens, desc="clean runs (pool)", leave=False, disable=not progress):
-        clean = adapter.clean_run(toks, granularity=granularity)
-        rows.append(clean.site_values[site_index])
-    return torch.stack(rows)
+    starts = range(0, len(tokens), chunk)
+    for start in tqdm(starts, desc="clean runs (pool)", leave=False, disable=not progress):
+        values = adapter.final_values(tokens[start : start + chunk], granularity=granularity)
+        rows.append(values[:, site_index.to(values.device)])
+    return torch.cat(rows)
 
 
 def load_or_build_pool(

@@ -1,0 +1,157 @@
+"""The speed paths (issue #5) compute what the plain paths compute.
+
+- ``kernels``: oneDNN linears (fused SiLU / gating) vs ``torch.nn.functional`` (float32 1e-5);
+  autograd falls back to ``F.linear``.
+- ``LlamaFinalStep`` (rotary folded into the prefix keys, per-head direct effects through
+  W_O^T w) vs the generic ``FinalStep`` from the block methods: 1e-12 in float64, 1e-5 in
+  float32, layer and head granularity, GQA/MQA, biases, sliding window, rope scaling.
+- ``final_values`` (right-padded batches, no vocabulary projection) vs one clean run per prompt.
+- ``vocab_mean`` is recomputed when the unembedding changes in place.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from causalnet.adapters import adapt, kernels
+from causalnet.adapters.base import FinalStep, vocab_mean
+from causalnet.adapters.llama import LlamaFinalStep
+
+VOCAB = 101  # the tiny models' vocabulary (conftest)
+LLAMA_FAMILY = ["llama-tied-gqa", "llama-untied-bias", "qwen2-bias", "mistral-window"]
+ALL_TINY = [*LLAMA_FAMILY, "gpt2-inverse-layer-idx", "neox-parallel", "neox-sequential"]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def test_onednn_kernels_equal_torch_functional():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(53, 70, generator=gen)
+    w = torch.randn(90, 70, generator=gen) / 8
+    b = torch.randn(90, generator=gen)
+    other = torch.randn(53, 90, generator=gen)
+    ref = F.linear(x, w, b)
+    assert (kernels.linear(x, w, b) - ref).abs().max() <= 1e-5
+    assert (kernels.linear(x, w) - F.linear(x, w)).abs().max() <= 1e-5
+    assert (kernels.linear_silu(x, w, b) - F.silu(ref)).abs().max() <= 1e-5
+    assert (kernels.linear_mul(x, other, w, b) - ref * other).abs().max() <= 1e-5
+    x3 = x.view(1, 53, 70)
+    assert (kernels.linear(x3, w, b) - ref[None]).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available(),
+    reason="oneDNN's fused linear ops are expected on x86-64 builds with mkldnn only",
+)
+def test_onednn_is_used_for_float32_on_this_cpu():
+    assert kernels.status().startswith("oneDNN"), kernels.status()
+    with kernels.reference_kernels():
+        assert kernels.status().startswith("torch.nn.functional")
+    assert kernels.status().startswith("oneDNN")
+
+
+def test_kernels_keep_autograd_through_the_plain_path():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(2, 3)
+    kernels.linear_silu(x, w).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", LLAMA_FAMILY)
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_llama_final_step_equals_the_generic_step(tiny_factory, name, dtype, granularity):
+    tiny = tiny_factory(name, dtype)
+    a = tiny.adapter
+    for position in (-1, 3, 0):
+        clean = a.clean_run(tiny.tokens, granularity=granularity, position=position)
+        assert isinstance(a._final_step(clean), LlamaFinalStep)
+        sites = a.sites(granularity) + ["embed"]
+        gen = torch.Generator().manual_seed(7)
+        values = torch.randn(len(sites), 3, a.arch.d_model, generator=gen, dtype=dtype)
+        fast = a.patch(clean, sites, values)
+        a._final_step = lambda c: FinalStep(a, c)  # the block-method step, on this instance
+        try:
+            plain = a.patch(clean, sites, values)
+        finally:
+            del a._final_step
+        tol = TOL[dtype]
+        assert (fast.direct_effects - plain.direct_effects).abs().max() <= tol * 10
+        assert (fast.centred_logit - plain.centred_logit).abs().max() <= tol * 10
+        assert (fast.sigma - plain.sigma).abs().max() <= tol * 10
+
+
+def test_llama_final_step_with_scaled_rotary_tables():
+    """yarn scales cos/sin by attention_factor != 1: the self score carries D = cos^2 + sin^2."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    )
+    model = LlamaForCausalLM(config).double().eval()
+    a = adapt(model)
+    tokens = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(1))
+    clean = a.clean_run(tokens)
+    step = a._final_step(clean)
+    assert isinstance(step, LlamaFinalStep)
+    assert (step.weight - 1).abs().max() > 1e-3  # the scaling is really there
+    sites = a.sites()
+    values = torch.randn(len(sites), 2, 64, dtype=torch.float64)
+    fast = a.patch(clean, sites, values)
+    a._final_step = lambda c: FinalStep(a, c)
+    plain = a.patch(clean, sites, values)
+    assert (fast.direct_effects - plain.direct_effects).abs().max() <= 1e-11
+    assert (fast.centred_logit - plain.centred_logit).abs().max() <= 1e-11
+
+
+@pytest.mark.parametrize("name", ALL_TINY)
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_final_values_equal_one_clean_run_per_prompt(tiny_factory, name, granularity):
+    tiny = tiny_factory(name, torch.float64)
+    a = tiny.adapter
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (5, 1, 9, 3, 9, 6, 2)]
+    expect = torch.stack([a.clean_run(p, granularity=granularity).site_values for p in prompts])
+    for batch_tokens in (1, 12, 1000):  # one prompt per batch, a few, all at once
+        got = a.final_values(prompts, granularity=granularity, batch_tokens=batch_tokens)
+        assert got.shape == expect.shape
+        assert (got - expect).abs().max() <= 1e-10
+
+
+def test_final_values_in_float32_agree_with_clean_runs(tiny_factory):
+    tiny = tiny_factory("llama-tied-gqa", torch.float32)
+    a = tiny.adapter
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (4, 8, 2, 7)]
+    expect = torch.stack([a.clean_run(p).site_values for p in prompts])
+    assert (a.final_values(prompts) - expect).abs().max() <= 1e-5
+
+
+def test_block_methods_on_onednn_equal_the_modules_own_calls(tiny_factory):
+    tiny = tiny_factory("llama-untied-bias", torch.float32)
+    fast = tiny.adapter.forward(tiny.tokens, granularity="head")
+    with kernels.reference_kernels():
+        plain = tiny.adapter.forward(tiny.tokens, granularity="head")
+    assert (fast.logits - plain.logits).abs().max() <= 1e-5
+    for site, value in fast.values.items():
+        assert (value - plain.values[site]).abs().max() <= 1e-5, site
+
+
+def test_vocab_mean_is_recomputed_after_an_in_place_edit():
+    w = torch.randn(10, 4)
+    first = vocab_mean(w)
+    assert vocab_mean(w) is first  # cached
+    with torch.no_grad():
+        w[0] += 100.0
+    again = vocab_mean(w)
+    assert torch.allclose(again, w.mean(0)) and not torch.allclose(again, first)
