@@ -46,18 +46,22 @@ def config(tiny) -> SweepConfig:
     return SweepConfig(model=str(model), prompts=str(prompts), k=3)
 
 
-@pytest.fixture(scope="module")
-def reference(config, tmp_path_factory) -> ResultsStore:
-    """The single-process sweep (2 per-patch figure prompts, so patches are compared too), with
-    torch on 1 thread like each worker: float32 kernels may sum in another order on another
-    number of threads (here ~4e-7 apart), and "exactly" means bit for bit."""
-    out = tmp_path_factory.mktemp("ref") / "r"
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This process runs torch on 1 thread, like each worker: float32 kernels may sum in another
+    order on another number of threads (here up to ~4e-7 apart), and "exactly" means bit for bit
+    -- for the single-process reference and for the pool the driver builds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return ResultsStore(run_sweep(config, out, progress=False, figure_prompts=2))
-    finally:
-        torch.set_num_threads(threads)
+    yield threads
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory) -> ResultsStore:
+    """The single-process sweep (2 per-patch figure prompts, so patches are compared too)."""
+    out = tmp_path_factory.mktemp("ref") / "r"
+    return ResultsStore(run_sweep(config, out, progress=False, figure_prompts=2))
 
 
 def assert_same_results(got: ResultsStore, ref: ResultsStore) -> None:
@@ -71,14 +75,18 @@ def assert_same_results(got: ResultsStore, ref: ResultsStore) -> None:
     pd.testing.assert_frame_equal(got.load_patches(), ref.load_patches(), check_exact=True)
 
 
-def test_two_workers_equal_one_process_exactly(cluster, config, reference, tmp_path):
+def test_two_workers_equal_one_process_exactly(cluster, config, reference, tmp_path, one_thread):
     out = run_sweep(config, tmp_path / "r", progress=False, figure_prompts=2, workers=2)
     got = ResultsStore(out)
     assert_same_results(got, reference)
     info = got.load_run()["info"]
     assert info["workers"] == 2 and info["n_computed_this_run"] == N_PROMPTS
     # against a run on all of this machine's threads: equal up to float32 summation order
-    default = ResultsStore(run_sweep(config, tmp_path / "d", progress=False, figure_prompts=2))
+    torch.set_num_threads(one_thread)
+    try:
+        default = ResultsStore(run_sweep(config, tmp_path / "d", progress=False))
+    finally:
+        torch.set_num_threads(1)
     pd.testing.assert_frame_equal(got.load_effects(), default.load_effects(), rtol=0, atol=1e-5)
 
 
