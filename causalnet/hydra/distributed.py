@@ -39,6 +39,7 @@ whose nodes need causalnet installed and the model at the same path.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -99,25 +100,35 @@ class PackedPlan:
 class SweepWorker:
     """One Ray actor: loads the model once, keeps it and the plan, computes prompts."""
 
-    def __init__(self, packed: PackedPlan, threads: int) -> None:
+    def __init__(self, packed_ref: list[Any], threads: int) -> None:
+        """``packed_ref``: ``[ObjectRef of a PackedPlan]``; the reference is passed inside a list
+        so that a restarted worker fetches the plan again from the object store (the driver
+        holds the reference until the sweep ends)."""
+        import ray
+
         from .devices import load_for_config
 
         torch.set_num_threads(threads)
-        self.plan = packed.unpack()
+        self._packed: PackedPlan = ray.get(packed_ref[0])
+        self.plan = self._packed.unpack()
         config = self.plan.config
         device = config.device
         if device.startswith("cuda"):
             device = "cuda"  # Ray gives this worker its GPU(s) as CUDA_VISIBLE_DEVICES
         self.adapter = load_for_config(config.model, config.dtype, device)
-        self.adapter.model.requires_grad_(False)
 
     def compute(self, index: int, keep_patches: bool) -> PromptRows:
         """The rows of prompt ``index`` (:func:`causalnet.hydra.sweep.compute_prompt`)."""
         return compute_prompt(self.adapter, self.plan, index, keep_patches)
 
     def pid(self) -> int:
-        """The worker's process id (tests kill it)."""
+        """The worker's process id."""
         return os.getpid()
+
+    def pool_is_shared(self) -> bool:
+        """Whether the pool is a read-only view into Ray's object store (one copy per node,
+        shared by its workers) rather than a private copy."""
+        return not self._packed.pool_bytes.flags.writeable
 
 
 @dataclass
@@ -130,8 +141,11 @@ class RayProgress:
     per_worker: list[int]  # prompts delivered (and written) by each worker
     in_flight: list[int]  # prompts sent to each worker and not yet returned
     n_written: int = 0
-    n_resubmitted: int = 0  # prompts sent again after their worker died for good
+    n_resubmitted: int = 0  # prompts sent again after their worker failed
     written: set[int] = field(default_factory=set)  # prompt indices written
+    time_start_s: float = 0.0  # connecting to / starting Ray and putting the plan
+    time_first_s: float = 0.0  # from then to the first prompt written (workers load the model)
+    time_total_s: float = 0.0  # from the call to the last prompt written
 
 
 @dataclass
@@ -158,14 +172,21 @@ class RayExecutor:
         if self.cpus_per_worker < 1 or self.in_flight < 1 or self.max_restarts < 0:
             raise CausalNetError("cpus_per_worker and in_flight must be >= 1, max_restarts >= 0")
 
-    def _gpus(self, device: str) -> float:
+    def _gpus(self, ray: Any, device: str) -> float:
+        """GPUs per worker: ``gpus_per_worker`` if given; else 1 for ``cuda`` and the driver's
+        GPU count for ``auto``, shared out (fractions) when the cluster has fewer for all."""
         if self.gpus_per_worker is not None:
             return self.gpus_per_worker
         if device.startswith("cuda"):
-            return 1.0
-        if device == "auto":
-            return float(torch.cuda.device_count())
-        return 0.0
+            want = 1.0
+        elif device == "auto":
+            want = float(torch.cuda.device_count())
+        else:
+            return 0.0
+        total = float(ray.cluster_resources().get("GPU", 0.0))
+        if total == 0.0 and want > 0.0:
+            raise CausalNetError(f"device {device!r} but the Ray cluster has no GPUs")
+        return min(want, total / self.workers)
 
     def _init(self, ray: Any) -> bool:
         """Connect to (or start) Ray; True if this call started it (and must shut it down)."""
@@ -189,21 +210,25 @@ class RayExecutor:
         """Compute prompts ``todo`` (indices into ``plan.prompts``) on the workers and ``write``
         each one's rows exactly once, in the driver, as they arrive."""
         ray = import_ray()
+        t0 = time.perf_counter()
         started = self._init(ray)
         actors: list[Any] = []
         try:
             packed = ray.put(PackedPlan.pack(plan))
+            t_start = time.perf_counter()
             remote = ray.remote(SweepWorker).options(
                 num_cpus=self.cpus_per_worker,
-                num_gpus=self._gpus(plan.config.device),
+                num_gpus=self._gpus(ray, plan.config.device),
                 max_restarts=self.max_restarts,
                 max_task_retries=-1,
             )
             n = min(self.workers, max(len(todo), 1))
-            actors = [remote.remote(packed, self.cpus_per_worker) for _ in range(n)]
+            actors = [remote.remote([packed], self.cpus_per_worker) for _ in range(n)]
             state = RayProgress(actors, [True] * n, [0] * n, [0] * n)
+            state.time_start_s = t_start - t0
             self.stats = state
             self._loop(ray, state, todo, write, figure_prompts, progress)
+            state.time_total_s = time.perf_counter() - t0
             return state
         finally:
             for actor in actors:
@@ -220,7 +245,11 @@ class RayExecutor:
         figure_prompts: int,
         progress: bool,
     ) -> None:
-        from ray.exceptions import ActorDiedError, RayActorError
+        from ray.exceptions import RayActorError
+
+        t_loop = time.perf_counter()
+        # Ray < 2.10 has no ActorDiedError: any actor error then counts as a death.
+        died = getattr(ray.exceptions, "ActorDiedError", RayActorError)
 
         queue = deque(todo)
         pending: dict[Any, tuple[int, int]] = {}  # ref -> (prompt index, worker slot)
@@ -249,7 +278,7 @@ class RayExecutor:
                     rows = ray.get(ref)
                 except RayActorError as err:  # the worker died: redo the prompt elsewhere
                     last_error = err
-                    if isinstance(err, ActorDiedError):
+                    if isinstance(err, died):
                         state.alive[slot] = False
                     if index not in state.written:
                         queue.appendleft(index)
@@ -261,6 +290,8 @@ class RayExecutor:
                 state.written.add(rows.index)
                 state.n_written += 1
                 state.per_worker[slot] += 1
+                if state.n_written == 1:
+                    state.time_first_s = time.perf_counter() - t_loop
                 bar.update()
                 if self.on_result is not None:
                     self.on_result(state)

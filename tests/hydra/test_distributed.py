@@ -161,7 +161,15 @@ def test_resume_with_workers_computes_only_the_missing_prompts(
         for shard in (out / "shards").glob(f"i{pid}.*"):
             shard.unlink()
     assert len(ResultsStore(out).completed_ids()) == N_PROMPTS - len(missing)
-    run_sweep(config, out, progress=False, figure_prompts=2, workers=2)
+    shared: list[bool] = []
+
+    def check_pool(progress: RayProgress) -> None:  # the pool.pt of the first run, shared
+        if not shared:
+            shared.extend(ray.get([w.pool_is_shared.remote() for w in progress.workers]))
+
+    executor = RayExecutor(workers=2, on_result=check_pool)
+    run_sweep(config, out, progress=False, figure_prompts=2, executor=executor)
+    assert shared == [True, True]
     got = ResultsStore(out)
     assert got.load_run()["info"]["n_computed_this_run"] == len(missing)
     assert_same_results(got, reference)
