@@ -133,13 +133,13 @@ class Placement:
                 f"{main}; keep the embeddings, final norm and unembedding on one device (use "
                 "causalnet.hydra.devices.auto_device_map)"
             )
-        # Parameter-free modules with a hook (the rotary embedding), used inside layer methods.
+        # Parameter-free modules with a hook (the rotary embedding), used inside layer methods:
+        # their hook moves the inputs to its execution device, which must be the layer's then.
         self.shared_hooks = [
             hook
             for m in self.outer
             if not any(True for _ in m.parameters())
             for hook in _align_hooks(m)
-            if not hook.offload
         ]
         self._depth: dict[object, int] = {}
 

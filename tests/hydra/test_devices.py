@@ -232,3 +232,27 @@ def test_placement_refuses_outer_modules_or_one_layer_on_several_devices(folder)
     _fake_device(model.lm_head, torch.device("cuda", 1))
     with pytest.raises(CausalNetError, match="outside the decoder layers"):
         Placement(model, blocks)
+
+
+def test_rotary_embedding_hook_computes_on_the_layers_device_during_layer_methods(folder, tmp_path):
+    ref = load(str(folder / "model"))
+    model = _llama(folder)
+    layers = layer_names(model, adapt(model))
+    model = dispatch_model(
+        model, split_map(model, layers, {layers[2]}), offload_dir=str(tmp_path / "off")
+    )
+    hook = model.model.rotary_emb._hf_hook
+    # Stand-in for "the rotary embedding sits on another GPU than the layer": its hook would
+    # send the layer's inputs to the meta device, and q * cos would fail, were it not retargeted.
+    hook.execution_device = torch.device("meta")
+    split = dispatch_adapter(model, byte_tokenizer())
+    tokens = torch.tensor([5, 71, 3, 200, 42, 9, 17])
+    clean, clean_ref = split.clean_run(tokens), ref.clean_run(tokens)
+    torch.testing.assert_close(clean.direct_effects, clean_ref.direct_effects, atol=ATOL, rtol=0)
+    values = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(2))
+    got = split.patch(clean, ["attn.0", "mlp.1"], values)
+    want = ref.patch(clean_ref, ["attn.0", "mlp.1"], values)
+    torch.testing.assert_close(got.total_effect, want.total_effect, atol=ATOL, rtol=0)
+    assert hook.execution_device == torch.device("meta")  # restored after each call
+    cos, _ = model.model.rotary_emb(torch.zeros(1, 3, 32), torch.arange(3)[None])
+    assert cos.device.type == "meta"  # outside a layer method the hook does move its inputs
