@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CausalNetError
-from .sweep import PromptRows, SweepPlan, compute_prompt
+from .sweep import PromptRows, SweepConfig, SweepPlan, compute_prompt
 
 INSTALL_HINT = "pip install 'causalnet-scm[ray]'"
 
@@ -98,36 +98,49 @@ class PackedPlan:
 
 # ---- the worker ------------------------------------------------------------------------------
 class SweepWorker:
-    """One Ray actor: loads the model once, keeps it and the plan, computes prompts."""
+    """One Ray actor: loads the model once and keeps it; fetches the plan once from the object
+    store (on its first prompt, and again after a restart) and keeps it; computes prompts.
 
-    def __init__(self, packed_ref: list[Any], threads: int) -> None:
-        """``packed_ref``: ``[ObjectRef of a PackedPlan]``; the reference is passed inside a list
-        so that a restarted worker fetches the plan again from the object store (the driver
-        holds the reference until the sweep ends)."""
-        import ray
+    The plan's reference comes with every call, inside a list so that Ray passes the reference
+    rather than the value: a worker restarted after a crash fetches it again, and the reference
+    is not a constructor argument (which Ray would have to keep for restarts).
+    """
 
+    def __init__(self, config: SweepConfig, threads: int) -> None:
         from .devices import load_for_config
 
         torch.set_num_threads(threads)
-        self._packed: PackedPlan = ray.get(packed_ref[0])
-        self.plan = self._packed.unpack()
-        config = self.plan.config
         device = config.device
         if device.startswith("cuda"):
             device = "cuda"  # Ray gives this worker its GPU(s) as CUDA_VISIBLE_DEVICES
         self.adapter = load_for_config(config.model, config.dtype, device)
+        self._key: str | None = None
+        self._packed: PackedPlan | None = None
+        self.plan: SweepPlan | None = None
 
-    def compute(self, index: int, keep_patches: bool) -> PromptRows:
+    def _plan(self, plan_ref: list[Any]) -> SweepPlan:
+        import ray
+
+        ref = plan_ref[0]
+        if self._key != ref.hex() or self.plan is None:
+            self._packed = ray.get(ref)
+            self.plan = self._packed.unpack()
+            self._key = ref.hex()
+        return self.plan
+
+    def compute(self, plan_ref: list[Any], index: int, keep_patches: bool) -> PromptRows:
         """The rows of prompt ``index`` (:func:`causalnet.hydra.sweep.compute_prompt`)."""
-        return compute_prompt(self.adapter, self.plan, index, keep_patches)
+        return compute_prompt(self.adapter, self._plan(plan_ref), index, keep_patches)
 
     def pid(self) -> int:
         """The worker's process id."""
         return os.getpid()
 
-    def pool_is_shared(self) -> bool:
+    def pool_is_shared(self, plan_ref: list[Any]) -> bool:
         """Whether the pool is a read-only view into Ray's object store (one copy per node,
         shared by its workers) rather than a private copy."""
+        self._plan(plan_ref)
+        assert self._packed is not None
         return not self._packed.pool_bytes.flags.writeable
 
 
@@ -140,6 +153,7 @@ class RayProgress:
     alive: list[bool]  # False once a worker died for good
     per_worker: list[int]  # prompts delivered (and written) by each worker
     in_flight: list[int]  # prompts sent to each worker and not yet returned
+    plan_ref: list[Any] = field(default_factory=list)  # [ObjectRef of the PackedPlan]
     n_written: int = 0
     n_resubmitted: int = 0  # prompts sent again after their worker failed
     written: set[int] = field(default_factory=set)  # prompt indices written
@@ -223,8 +237,8 @@ class RayExecutor:
                 max_task_retries=-1,
             )
             n = min(self.workers, max(len(todo), 1))
-            actors = [remote.remote([packed], self.cpus_per_worker) for _ in range(n)]
-            state = RayProgress(actors, [True] * n, [0] * n, [0] * n)
+            actors = [remote.remote(plan.config, self.cpus_per_worker) for _ in range(n)]
+            state = RayProgress(actors, [True] * n, [0] * n, [0] * n, plan_ref=[packed])
             state.time_start_s = t_start - t0
             self.stats = state
             self._loop(ray, state, todo, write, figure_prompts, progress)
@@ -263,7 +277,7 @@ class RayExecutor:
                         index = queue.popleft()
                         if index in state.written:
                             continue
-                        ref = actor.compute.remote(index, index < figure_prompts)
+                        ref = actor.compute.remote(state.plan_ref, index, index < figure_prompts)
                         pending[ref] = (index, slot)
                         load[slot] += 1
                 if not pending:

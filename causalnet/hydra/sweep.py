@@ -342,6 +342,8 @@ def run_sweep(
     """
     from .devices import load_for_config  # the adapters import transformers: only when sweeping
 
+    if workers < 1:
+        raise CausalNetError(f"workers must be at least 1, got {workers}")
     t_start = time.perf_counter()
     out = Path(out)
     store = ResultsStore(out)
@@ -354,8 +356,6 @@ def run_sweep(
 
     done = store.completed_ids()
     todo = [i for i, p in enumerate(plan.prompts) if p.id not in done]
-    if workers < 1:
-        raise CausalNetError(f"workers must be at least 1, got {workers}")
     if executor is None and (workers > 1 or ray_address is not None):
         from .distributed import RayExecutor
 

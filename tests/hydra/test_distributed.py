@@ -165,7 +165,9 @@ def test_resume_with_workers_computes_only_the_missing_prompts(
 
     def check_pool(progress: RayProgress) -> None:  # the pool.pt of the first run, shared
         if not shared:
-            shared.extend(ray.get([w.pool_is_shared.remote() for w in progress.workers]))
+            shared.extend(
+                ray.get([w.pool_is_shared.remote(progress.plan_ref) for w in progress.workers])
+            )
 
     executor = RayExecutor(workers=2, on_result=check_pool)
     run_sweep(config, out, progress=False, figure_prompts=2, executor=executor)
