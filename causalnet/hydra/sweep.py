@@ -360,7 +360,18 @@ def run_sweep(
         from .distributed import RayExecutor
 
         executor = RayExecutor(workers=workers, address=ray_address)
-    if executor is None or not todo:
+    threads = 1
+    if executor is None and todo:
+        from .threads import compute_in_threads, prompt_threads
+
+        threads = prompt_threads(adapter, config.device)
+    if threads > 1:  # prompts side by side, one torch thread each (causalnet.hydra.threads)
+
+        def write_rows(rows: PromptRows) -> None:
+            store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
+
+        compute_in_threads(adapter, plan, todo, write_rows, threads, figure_prompts, progress)
+    elif executor is None or not todo:
         for i in tqdm(todo, desc="hydra sweep", unit="prompt", disable=not progress):
             rows = compute_prompt(adapter, plan, i, keep_patches=i < figure_prompts)
             store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
@@ -379,6 +390,7 @@ def run_sweep(
             "n_readout_sites": len(plan.readout_sites),
             "n_computed_this_run": len(todo),
             "workers": 1 if executor is None else executor.workers,
+            "prompt_threads": threads,
             "time_load_s": round(t_loaded - t_start, 3),
             "time_pool_s": round(t_pool - t_loaded, 3),
             "time_sweep_s": round(t_end - t_pool, 3),
