@@ -531,10 +531,11 @@ class TransformerAdapter(ABC):
             logits = self.logits(run.resid_final[0, t])
             target = int(torch.argmax(logits))
             w, const = self.readout(target)
-            sigma = run.sigma[0, t]
+            acc = accumulation_dtype(self.dtype)
+            sigma = self.final_scale(run.resid_final[0, t].to(acc))
             site_values = torch.stack([run.values[s][0, t] for s in readout_sites])
-            direct = site_values @ w / sigma
-            centred = float(logits[target] - logits.mean())
+            direct = site_values.to(acc) @ w.to(acc) / sigma
+            centred = float(logits[target].to(acc) - logits.to(acc).mean())
             heads = torch.stack(
                 [self.head_outputs(layer, zh[0, t]) for layer, zh in enumerate(run.z_heads)]
             )
@@ -689,6 +690,11 @@ class TransformerAdapter(ABC):
         dev = values.device
         col = {name: j for j, name in enumerate(clean.readout_sites)}
         w = clean.readout_dir
+        acc = accumulation_dtype(values.dtype)
+        w_acc = w.to(acc)
+
+        def dot(x: Tensor) -> Tensor:  # c . w_i, accumulated in float32 (float64 for float64)
+            return x.to(acc) @ w_acc
 
         # Entry key: embed -1; attention site of layer l: 2l; MLP site of layer l: 2l + 1.
         keys = [-1 if s.kind == "embed" else 2 * s.layer + (s.kind == "mlp") for s in parsed]
@@ -702,8 +708,8 @@ class TransformerAdapter(ABC):
         def bound(k: int) -> int:  # number of rows whose entry key is < k
             return bisect.bisect_left(sorted_keys, k) * n_patch
 
-        num = (clean.site_values @ w).expand(n_rows, -1).clone()  # c . w_i per row, readout site
-        vals_w = vals @ w
+        num = dot(clean.site_values).expand(n_rows, -1).clone()  # c . w_i per row and readout
+        vals_w = dot(vals)
         z = torch.empty(n_rows, d, dtype=values.dtype, device=dev)
         n_embed = bound(0)
         z[:n_embed] = vals[:n_embed]
@@ -726,7 +732,7 @@ class TransformerAdapter(ABC):
                     assert head_num is not None
                     num[:run, hcol : hcol + n_heads] = head_num
                 else:
-                    num[:run, acol] = a_run @ w
+                    num[:run, acol] = dot(a_run)
             # 2. rows entering at this layer's attention: their patched attention output.
             a_ent = None
             if a_end > run:
@@ -741,7 +747,7 @@ class TransformerAdapter(ABC):
                     rows = torch.arange(run, a_end, device=dev)
                     num[rows, hcol + heads] = vals_w[run:a_end]
                 else:
-                    num[run:a_end, acol] = a_ent @ w
+                    num[run:a_end, acol] = dot(a_ent)
             if not parallel:
                 if a_run is not None:
                     z[:run] += a_run
@@ -749,7 +755,7 @@ class TransformerAdapter(ABC):
                     torch.add(pre, a_ent, out=z[run:a_end])
                 if a_end > 0:
                     m = step.mlp(layer, z[:a_end])
-                    num[:a_end, mcol] = m @ w
+                    num[:a_end, mcol] = dot(m)
                     z[:a_end] += m
                 if m_end > a_end:  # rows entering at this layer's MLP
                     torch.add(clean._resid_mid[layer], vals[a_end:m_end], out=z[a_end:m_end])
@@ -757,16 +763,19 @@ class TransformerAdapter(ABC):
             else:
                 if a_run is not None:
                     m = step.mlp(layer, z[:run])  # reads the same residual as the attention
-                    num[:run, mcol] = m @ w
+                    num[:run, mcol] = dot(m)
                     z[:run] += a_run + m
                 if a_ent is not None:
                     z[run:a_end] = pre + a_ent + clean._mlp[layer]
                 if m_end > a_end:
                     z[a_end:m_end] = pre + clean._attn[layer] + vals[a_end:m_end]
                     num[a_end:m_end, mcol] = vals_w[a_end:m_end]
-        sigma = self.final_scale(z)
+        sigma = self.final_scale(z.to(acc))
         direct = num / sigma[:, None]
-        centred = self.centred_logit(z, clean.target)
+        if acc == z.dtype:  # float32 / float64: the model's own final-norm path
+            centred = self.centred_logit(z, clean.target)
+        else:  # half precision: Eq 24 from the final residual, accumulated in float32
+            centred = dot(z) / sigma + clean.readout_const
         inv = torch.argsort(order_t)
         n_read = len(clean.readout_sites)
         direct = direct.view(n_sites, n_patch, n_read)[inv]
@@ -874,11 +883,20 @@ class FinalStep:
         if not per_head:
             return self.adapter.attn_output(layer, zh), None
         contrib = self.adapter.head_outputs(layer, zh)  # [N, H, d]
-        return contrib.sum(-2), contrib @ self.readout_dir
+        w = self.readout_dir
+        return contrib.sum(-2), contrib.to(accumulation_dtype(w.dtype)) @ w.to(
+            accumulation_dtype(w.dtype)
+        )
 
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
         """The MLP's contribution m [N, d] of the rows (``mlp`` of the block methods)."""
         return self.adapter.mlp(layer, resid)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype readouts accumulate in: float64 for float64 models, else float32 (so half-
+    precision models get float32 direct effects, sigma and centred logits)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _VOCAB_MEANS: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}

@@ -35,6 +35,7 @@ from .base import (
     FinalStep,
     HookPoints,
     TransformerAdapter,
+    accumulation_dtype,
     vocab_mean,
 )
 
@@ -219,7 +220,8 @@ class LlamaAdapter(TransformerAdapter):
             for name in ("qkv", "_qkv_unrotated", "attn_output", "head_outputs", "mlp")
         )
         if own:
-            probe = clean.readout_dir.new_zeros(1)
+            # the rotation tables in the readout precision (float32 for half models)
+            probe = clean.readout_dir.new_zeros(1, dtype=accumulation_dtype(self.dtype))
             cos, sin = self._body.rotary_emb(
                 probe, torch.tensor([[clean.position]]).to(probe.device)
             )
@@ -295,13 +297,14 @@ class LlamaFinalStep(FinalStep):
         super().__init__(adapter, clean)
         self.llama = adapter
         self.cos, self.sin = cos, sin
-        self.weight = cos * cos + sin * sin
+        self.weight = (cos * cos + sin * sin).to(adapter.dtype)
 
     def rows_qkv(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.llama._qkv_unrotated(layer, resid)
 
     def prefix_keys(self, layer: int, keys: Tensor) -> Tensor:
-        return keys * self.cos - _rotate_half(keys) * self.sin
+        k = keys.to(self.cos.dtype)
+        return (k * self.cos - _rotate_half(k) * self.sin).to(keys.dtype)
 
     def self_score_weight(self, layer: int) -> Tensor | None:
         return self.weight
@@ -314,8 +317,10 @@ class LlamaFinalStep(FinalStep):
         o_proj = self.llama._body.layers[layer].self_attn.o_proj
         arch = self.llama.arch
         w_o = o_proj.weight.view(arch.d_model, arch.n_heads, arch.d_head)
-        u = torch.einsum("dhk,d->hk", w_o, self.readout_dir)  # W_O[:, h]^T w_i, [H, dh]
-        num = (zh * u).sum(-1)
+        acc = accumulation_dtype(zh.dtype)
+        w = self.readout_dir.to(acc)
+        u = torch.einsum("dhk,d->hk", w_o.to(acc), w)  # W_O[:, h]^T w_i, [H, dh]
+        num = (zh.to(acc) * u).sum(-1)
         if o_proj.bias is not None:
-            num = num + (o_proj.bias @ self.readout_dir) / arch.n_heads
+            num = num + (o_proj.bias.to(acc) @ w) / arch.n_heads
         return a, num

@@ -99,3 +99,42 @@ def test_prompt_threads_policy(tiny, monkeypatch):
         monkeypatch.setenv("CAUSALNET_PROMPT_THREADS", bad)
         with pytest.raises(CausalNetError, match="CAUSALNET_PROMPT_THREADS"):
             prompt_threads(adapter, "cpu")
+
+
+NO_CUDA = "no CUDA GPU on this machine: the cuda sweep runs where one is present"
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "tol"),
+    [
+        ("cpu", "bfloat16", 5e-2),
+        pytest.param(
+            "cuda",
+            "float32",
+            1e-4,
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA),
+        ),
+        pytest.param(
+            "cuda",
+            "bfloat16",
+            5e-2,
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA),
+        ),
+    ],
+)
+def test_sweep_in_another_device_or_dtype_agrees_with_float32_cpu(
+    tiny, tmp_path, monkeypatch, device, dtype, tol
+):
+    """Tolerance: max abs difference <= tol * max(1, max |float32 value|) per column."""
+    model, prompts = tiny
+    base = dict(model=str(model), prompts=str(prompts), k=3, limit=6)
+    ref = ResultsStore(run_sweep(SweepConfig(**base), tmp_path / "ref", progress=False))
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    other = SweepConfig(**base, device=device, dtype=dtype)
+    got = ResultsStore(run_sweep(other, tmp_path / "got", progress=False))
+    e_ref, e_got = ref.load_effects(), got.load_effects()
+    assert (e_ref["target_token"] == e_got["target_token"]).all()
+    for column in ("total_effect", "direct_effect", "compensatory_effect"):
+        scale = max(1.0, float(e_ref[column].abs().max()))
+        assert (e_ref[column] - e_got[column]).abs().max() <= tol * scale, column
