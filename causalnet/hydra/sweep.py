@@ -136,13 +136,19 @@ def build_pool(
     computed in batches of right-padded prompts without the vocabulary projection
     (:meth:`causalnet.adapters.TransformerAdapter.final_values`; equal up to float rounding).
     """
-    chunk = 64  # prompts per call: bounds the memory of head-granularity values
-    rows = []
-    starts = range(0, len(tokens), chunk)
-    for start in tqdm(starts, desc="clean runs (pool)", leave=False, disable=not progress):
-        values = adapter.final_values(tokens[start : start + chunk], granularity=granularity)
-        rows.append(values[:, site_index.to(values.device)])
-    return torch.cat(rows)
+    from .threads import map_in_threads, prompt_threads  # (imports this module)
+
+    chunk = 32  # prompts per call: bounds the memory of head-granularity values
+    chunks = [tokens[start : start + chunk] for start in range(0, len(tokens), chunk)]
+
+    def values_of(part: list[Tensor]) -> Tensor:
+        values = adapter.final_values(part, granularity=granularity)
+        return values[:, site_index.to(values.device)]
+
+    threads = prompt_threads(adapter, str(getattr(adapter, "device", "cpu")))
+    rows = map_in_threads(values_of, chunks, threads)
+    bar = tqdm(rows, total=len(chunks), desc="clean runs (pool)", leave=False, disable=not progress)
+    return torch.cat(list(bar))
 
 
 def load_or_build_pool(

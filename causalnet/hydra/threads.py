@@ -14,24 +14,28 @@ Results are unchanged: :func:`causalnet.hydra.sweep.compute_prompt` depends on t
 prompt index only (its random draws are seeded by them), every prompt is computed with one torch
 thread whichever worker takes it, and the rows are written in prompt order by the calling thread.
 
-Used by :func:`causalnet.hydra.sweep.run_sweep` for plain adapters on the CPU when more than one
-torch thread is available (:func:`prompt_threads`); ``CAUSALNET_PROMPT_THREADS=1`` turns it off
-(one prompt at a time, torch's own threading), ``=N`` asks for N threads.
+Used by :func:`causalnet.hydra.sweep.run_sweep` (and by its pool pass, for chunks of prompts)
+for plain adapters on the CPU when more than one torch thread is available
+(:func:`prompt_threads`); ``CAUSALNET_PROMPT_THREADS=1`` turns it off (one prompt at a time,
+torch's own threading), ``=N`` asks for N threads.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import CausalNetError
 from .sweep import PromptRows, SweepPlan, compute_prompt
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def prompt_threads(adapter: Any, device: str) -> int:
@@ -108,5 +112,20 @@ def compute_in_threads(
                 for future in pending:
                     future.cancel()
                 bar.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``threads`` worker threads with one torch thread each, results in
+    order (torch's thread count restored afterwards); plain ``map`` for one thread."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield from pool.map(fn, items)
     finally:
         torch.set_num_threads(before)
