@@ -90,6 +90,19 @@ def test_two_workers_equal_one_process_exactly(cluster, config, reference, tmp_p
     pd.testing.assert_frame_equal(got.load_effects(), default.load_effects(), rtol=0, atol=1e-5)
 
 
+def test_command_line_workers_flag(cluster, config, reference, tmp_path, capsys):
+    from causalnet.cli import main
+
+    args = ["hydra", "--model", config.model, "--prompts", config.prompts, "--k", "3"]
+    args += ["--no-plots", "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "r"), "--workers", "2"]) == 0
+    got = ResultsStore(tmp_path / "r")
+    assert got.load_run()["info"]["workers"] == 2
+    pd.testing.assert_frame_equal(got.load_effects(), reference.load_effects(), check_exact=True)
+    assert main([*args, str(tmp_path / "bad"), "--workers", "0"]) == 2
+    assert "workers must be at least 1" in capsys.readouterr().err
+
+
 def _pid(actor) -> int | None:
     """The worker's process id, or None once Ray reports it dead."""
     try:
