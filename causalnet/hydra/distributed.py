@@ -12,7 +12,9 @@ one process. The design:
 - Each **worker** is a Ray actor that loads the model once (:func:`causalnet.hydra.devices.
   load_for_config`) and keeps it, then runs :func:`~causalnet.hydra.sweep.compute_prompt` for the
   prompt indices it is sent and returns the rows. ``compute_prompt`` is pure and its random draws
-  depend on (seed, prompt index) only, so a worker returns exactly what one process computes.
+  depend on (seed, prompt index) only, so a worker returns exactly what one process computes --
+  bit for bit when that process runs torch on as many threads as a worker (float32 kernels may
+  sum in another order on another number of threads: ~1e-7 relative).
 - The driver keeps two prompts in flight per worker and writes each prompt's rows as they arrive
   (``ray.wait``). Shards are written atomically per prompt and the final tables are sorted, so the
   folder does not depend on the order of arrival: its tables equal a single-process run's.
@@ -30,7 +32,8 @@ raised by the computation itself (not a dead worker) stops the sweep as it would
 torch with that many threads, so N workers on N cores do not oversubscribe them (Ray also sets
 ``OMP_NUM_THREADS``). With ``device="cuda"`` each worker asks for one GPU (Ray sets
 ``CUDA_VISIBLE_DEVICES``); with ``device="auto"`` (a model split over devices,
-:mod:`causalnet.hydra.devices`) each worker asks for as many GPUs as the driver sees.
+:mod:`causalnet.hydra.devices`) each worker asks for as many GPUs as the driver sees. When the
+cluster has fewer GPUs than that for all workers, they share them (fractional GPUs).
 A local cluster is started with enough CPUs for the workers when Ray is not running; with an
 address (``--ray-address auto`` or ``ray://host:10001``) the sweep joins an existing cluster,
 whose nodes need causalnet installed and the model at the same path.

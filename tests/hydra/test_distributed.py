@@ -16,7 +16,7 @@ import torch
 from causalnet.adapters import load
 from causalnet.errors import CausalNetError
 from causalnet.hydra.store import ResultsStore
-from causalnet.hydra.sweep import SweepConfig, SweepPlan, run_sweep
+from causalnet.hydra.sweep import SweepConfig, SweepPlan, plan_sweep, run_sweep
 from tiny_lm import save_tiny_llama, write_prompts
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'causalnet-scm[ray]'")
@@ -213,6 +213,15 @@ def test_workers_that_cannot_load_the_model_stop_the_sweep_with_the_cause(cluste
     with pytest.raises(CausalNetError, match="(?s)every Ray worker died.*no-such-model"):
         run_sweep(config, tmp_path / "r", adapter=adapter, progress=False, workers=2)
     assert not ResultsStore(tmp_path / "r").completed_ids()
+
+
+def test_an_error_in_a_prompt_is_raised_in_the_driver_not_retried(cluster, config):
+    plan = plan_sweep(config, load(config.model))
+    written: list[int] = []
+    executor = RayExecutor(workers=2)
+    with pytest.raises(IndexError):  # prompt 99 does not exist: compute_prompt raises
+        executor.run(plan, [0, 99, 1], write=lambda rows: written.append(rows.index))
+    assert executor.stats.n_resubmitted == 0 and 99 not in written
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
