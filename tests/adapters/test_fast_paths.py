@@ -155,3 +155,32 @@ def test_vocab_mean_is_recomputed_after_an_in_place_edit():
         w[0] += 100.0
     again = vocab_mean(w)
     assert torch.allclose(again, w.mean(0)) and not torch.allclose(again, first)
+
+
+@pytest.mark.skipif(
+    not kernels.status().startswith("oneDNN"), reason="packing is part of the oneDNN path only"
+)
+def test_packed_weight_copies_follow_edits_and_are_freed_with_the_weight():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 32, generator=gen)
+    x = torch.randn(5, 32, generator=gen)
+    held = kernels.packed_bytes()
+    assert (kernels.linear(x, w) - F.linear(x, w)).abs().max() <= 1e-5
+    assert kernels.packed_bytes() == held + w.numel() * 4  # one packed copy, accounted
+    with torch.no_grad():
+        w.mul_(-2.0)  # an in-place edit: the copy must not be reused
+    assert (kernels.linear(x, w) - F.linear(x, w)).abs().max() <= 1e-5
+    w.data = torch.randn(64, 32, generator=gen)  # a replaced storage
+    assert (kernels.linear(x, w) - F.linear(x, w)).abs().max() <= 1e-5
+    assert kernels.packed_bytes() == held + w.numel() * 4
+    del w
+    assert kernels.packed_bytes() == held  # dropped with the weight
+
+
+def test_packing_off_uses_the_plain_weights(monkeypatch):
+    monkeypatch.setattr(kernels, "_pack", False)
+    w = torch.randn(16, 8)
+    held = kernels.packed_bytes()
+    x = torch.randn(3, 8)
+    assert (kernels.linear(x, w) - F.linear(x, w)).abs().max() <= 1e-5
+    assert kernels.packed_bytes() == held
