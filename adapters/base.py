@@ -840,21 +840,25 @@ class FinalStep:
         return q[:, 0], k[:, 0], v[:, 0]
 
     def _prefix(self, layer: int) -> tuple[Tensor, Tensor]:
-        """[Hkv, dh, t'] scaled keys (scores = q @ keys) and [Hkv, t', dh] values, cached."""
+        """Scaled keys and values of the visible earlier positions, [Hkv, t', dh] each, cached
+        per layer."""
         if layer not in self._prefixes:
             span = self.visible(layer)
             k = self.prefix_keys(layer, self.clean._k[layer][span]) * self.scale
             v = self.clean._v[layer][span]
-            self._prefixes[layer] = (
-                k.permute(1, 2, 0).contiguous(),
-                v.transpose(0, 1).contiguous(),
-            )
+            self._prefixes[layer] = (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
         return self._prefixes[layer]
 
     def heads(self, layer: int, resid: Tensor) -> Tensor:
-        """The heads' outputs before the output projection: resid [N, d] -> z [N, H, dh]."""
+        """The heads' outputs before the output projection: resid [N, d] -> z [N, H, dh].
+
+        Layout: per key/value head, the scores are [t' + 1, N * g] (positions, then rows x
+        query heads of the group): the softmax runs over the short position axis with the long
+        row axis contiguous (20x faster than softmaxing rows of t' + 1 on a CPU), and both
+        products are batched matrix products with the long axis outermost.
+        """
         q, k, v = self.rows_qkv(layer, resid)
-        k_prev, v_prev = self._prefix(layer)  # [Hkv, dh, t'], [Hkv, t', dh]
+        k_prev, v_prev = self._prefix(layer)  # [Hkv, t', dh] each
         n, n_heads, d_head = q.shape
         n_kv = k.shape[1]
         group = n_heads // n_kv
@@ -865,14 +869,17 @@ class FinalStep:
         if weight is not None:
             k_self = k_self * weight
         s_self = (qg.view(n_kv, n, group, d_head) * k_self).sum(-1)  # [Hkv, N, g]
-        scores = torch.cat([torch.bmm(qg, k_prev), s_self.view(n_kv, n * group, 1)], dim=-1)
+        scores = torch.cat(  # [Hkv, t' + 1, N * g]
+            [torch.bmm(k_prev, qg.transpose(1, 2)), s_self.view(n_kv, 1, n * group)], dim=1
+        )
         if scores.dtype in (torch.float16, torch.bfloat16):
-            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+            probs = torch.softmax(scores.float(), dim=1).to(scores.dtype)
         else:
-            probs = torch.softmax(scores, dim=-1)
-        t_prev = k_prev.shape[-1]
-        z = torch.bmm(probs[..., :t_prev], v_prev).view(n_kv, n, group, d_head)
-        p_self = probs[..., t_prev:].view(n_kv, n, group, 1)
+            probs = torch.softmax(scores, dim=1)
+        t_prev = k_prev.shape[1]
+        z = torch.bmm(probs[:, :t_prev].transpose(1, 2), v_prev)  # [Hkv, N * g, dh]
+        z = z.view(n_kv, n, group, d_head)
+        p_self = probs[:, t_prev].view(n_kv, n, group, 1)
         z.addcmul_(p_self, v.transpose(0, 1)[:, :, None, :])
         return z.transpose(0, 1).reshape(n, n_heads, d_head)
 
