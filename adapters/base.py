@@ -512,57 +512,102 @@ class TransformerAdapter(ABC):
         Only tokens[: t + 1] matter (causal masking); the rest of the prompt is kept in
         ``tokens`` but not run. ``tokens`` may be a string (then :meth:`encode` is used).
         """
+        return self.clean_runs([tokens], granularity, [position])[0]
+
+    def clean_runs(
+        self,
+        prompts: list[Tensor | str],
+        granularity: Granularity = "layer",
+        positions: list[int] | None = None,
+    ) -> list[CleanRun]:
+        """:meth:`clean_run` of several prompts in one batched pass (same numbers up to float
+        rounding: other matrix shapes).
+
+        The prompts, cut at their positions t_b, are right-padded to the longest and run
+        together: attention is causal, so no real position reads a padded (later) one, and
+        positions are absolute. On a CPU the weights are then read from memory once for the
+        batch instead of once per prompt (a clean run of ~10 tokens is bound by that), and the
+        vocabulary projection of the readout positions is one matrix product.
+        """
         _check_granularity(granularity)
-        if isinstance(tokens, str):
-            tokens = self.encode(tokens)
-        tokens = self._check_tokens(tokens, ndim=1)
-        n = tokens.shape[0]
-        if not isinstance(position, int) or not -n <= position < n:
-            raise ContextError(
-                f"position {position!r} is out of range for a prompt of {n} tokens "
-                f"(valid: {-n}..{n - 1})"
+        if positions is None:
+            positions = [-1] * len(prompts)
+        if len(positions) != len(prompts) or not prompts:
+            raise ShapeError(
+                f"clean_runs needs one position per prompt and at least one prompt, got "
+                f"{len(prompts)} prompts and {len(positions)} positions"
             )
-        t = position % n
-        run = self._run_layers(tokens[None, : t + 1], granularity, cache=True)
+        toks: list[Tensor] = []
+        ts: list[int] = []
+        for tokens, position in zip(prompts, positions, strict=True):
+            if isinstance(tokens, str):
+                tokens = self.encode(tokens)
+            tokens = self._check_tokens(tokens, ndim=1)
+            n = tokens.shape[0]
+            if not isinstance(position, int) or not -n <= position < n:
+                raise ContextError(
+                    f"position {position!r} is out of range for a prompt of {n} tokens "
+                    f"(valid: {-n}..{n - 1})"
+                )
+            toks.append(tokens)
+            ts.append(position % n)
+        padded = torch.zeros(len(toks), max(ts) + 1, dtype=torch.long, device=self.device)
+        for b, (tokens, t) in enumerate(zip(toks, ts, strict=True)):
+            padded[b, : t + 1] = tokens[: t + 1]
+        run = self._run_layers(padded, granularity, cache=True)
         assert run.k_cache is not None and run.v_cache is not None and run.z_heads is not None
         assert run.resid_pre is not None and run.resid_mid is not None
         readout_sites = self.readout_sites(granularity)
+        n_layers = self.arch.n_layers
+        rows = torch.arange(len(toks), device=self.device)
+        at = torch.tensor(ts, device=self.device)
+        acc = accumulation_dtype(self.dtype)
+        out: list[CleanRun] = []
         with torch.no_grad():
-            logits = self.logits(run.resid_final[0, t])
-            target = int(torch.argmax(logits))
-            w, const = self.readout(target)
-            acc = accumulation_dtype(self.dtype)
-            sigma = self.final_scale(run.resid_final[0, t].to(acc))
-            site_values = torch.stack([run.values[s][0, t] for s in readout_sites])
-            direct = site_values.to(acc) @ w.to(acc) / sigma
-            centred = float(logits[target].to(acc) - logits.to(acc).mean())
+            final = run.resid_final[rows, at]  # [B, d]
+            all_logits = self.logits(final)  # [B, V]
+            sigmas = self.final_scale(final.to(acc))
+            values = torch.stack([run.values[s][rows, at] for s in readout_sites], dim=1)
             heads = torch.stack(
-                [self.head_outputs(layer, zh[0, t]) for layer, zh in enumerate(run.z_heads)]
-            )
+                [self.head_outputs(layer, zh[rows, at]) for layer, zh in enumerate(run.z_heads)],
+                dim=1,
+            )  # [B, L, H, d]
             attn = torch.stack(
-                [self.attn_output(layer, zh[0, t]) for layer, zh in enumerate(run.z_heads)]
-            )
-        return CleanRun(
-            tokens=tokens,
-            position=t,
-            granularity=granularity,
-            readout_sites=readout_sites,
-            target=target,
-            logits=logits,
-            sigma=float(sigma),
-            readout_dir=w,
-            readout_const=float(const),
-            site_values=site_values,
-            direct_effects=direct,
-            centred_logit=centred,
-            _k=[k[0, :t] for k in run.k_cache],
-            _v=[v[0, :t] for v in run.v_cache],
-            _resid_pre=torch.stack([r[0, t] for r in run.resid_pre]),
-            _resid_mid=torch.stack([r[0, t] for r in run.resid_mid]),
-            _attn=attn,
-            _heads=heads,
-            _mlp=torch.stack([run.values[f"mlp.{lay}"][0, t] for lay in range(self.arch.n_layers)]),
-        )
+                [self.attn_output(layer, zh[rows, at]) for layer, zh in enumerate(run.z_heads)],
+                dim=1,
+            )  # [B, L, d]
+            pre = torch.stack([r[rows, at] for r in run.resid_pre], dim=1)
+            mid = torch.stack([r[rows, at] for r in run.resid_mid], dim=1)
+            mlp = torch.stack([run.values[f"mlp.{lay}"][rows, at] for lay in range(n_layers)], 1)
+            for b, (tokens, t) in enumerate(zip(toks, ts, strict=True)):
+                logits = all_logits[b]
+                target = int(torch.argmax(logits))
+                w, const = self.readout(target)
+                site_values = values[b]
+                out.append(
+                    CleanRun(
+                        tokens=tokens,
+                        position=t,
+                        granularity=granularity,
+                        readout_sites=readout_sites,
+                        target=target,
+                        logits=logits,
+                        sigma=float(sigmas[b]),
+                        readout_dir=w,
+                        readout_const=float(const),
+                        site_values=site_values,
+                        direct_effects=site_values.to(acc) @ w.to(acc) / sigmas[b],
+                        centred_logit=float(logits[target].to(acc) - logits.to(acc).mean()),
+                        _k=[k[b, :t].clone() for k in run.k_cache],
+                        _v=[v[b, :t].clone() for v in run.v_cache],
+                        _resid_pre=pre[b],
+                        _resid_mid=mid[b],
+                        _attn=attn[b],
+                        _heads=heads[b],
+                        _mlp=mlp[b],
+                    )
+                )
+        return out
 
     def final_values(
         self,
