@@ -38,6 +38,7 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
     "qwen2": ("llama", "LlamaAdapter", "Llama family (Qwen2ForCausalLM)"),
     "gpt2": ("gpt2", "GPT2Adapter", "GPT-2 (GPT2LMHeadModel)"),
     "gpt_neox": ("neox", "NeoXAdapter", "GPT-NeoX / Pythia (GPTNeoXForCausalLM)"),
+    "gptj": ("gptj", "GPTJAdapter", "GPT-J (GPTJForCausalLM)"),
 }
 
 #: ``config.model_type`` values that :func:`adapt` handles, with the family they map to.

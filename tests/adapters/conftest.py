@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -135,6 +137,23 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     "neox-parallel": lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(**_neox_config(True))),
     # GPT-NeoX with the sequential residual
     "neox-sequential": lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(**_neox_config(False))),
+    # GPT-J: one ln_1 read by attention and MLP in parallel, rotary on adjacent pairs of the
+    # first 8 of 16 dims per head, no attention biases, untied lm_head with a bias
+    "gptj-partial-rotary": lambda: _build(
+        GPTJForCausalLM,
+        GPTJConfig(
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            rotary_dim=8,
+            n_inner=96,
+            vocab_size=VOCAB,
+            n_positions=64,
+            initializer_range=0.15,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
 }
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}

@@ -28,7 +28,13 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)),
 ]
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-FAMILIES = ["llama-tied-gqa", "qwen2-bias", "neox-sequential", "gpt2-inverse-layer-idx"]
+FAMILIES = [
+    "llama-tied-gqa",
+    "qwen2-bias",
+    "neox-sequential",
+    "gpt2-inverse-layer-idx",
+    "gptj-partial-rotary",
+]
 
 
 @pytest.fixture(autouse=True)

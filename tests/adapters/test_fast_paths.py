@@ -24,7 +24,13 @@ from causalnet.adapters.llama import LlamaFinalStep
 
 VOCAB = 101  # the tiny models' vocabulary (conftest)
 LLAMA_FAMILY = ["llama-tied-gqa", "llama-untied-bias", "qwen2-bias", "mistral-window"]
-ALL_TINY = [*LLAMA_FAMILY, "gpt2-inverse-layer-idx", "neox-parallel", "neox-sequential"]
+ALL_TINY = [
+    *LLAMA_FAMILY,
+    "gpt2-inverse-layer-idx",
+    "neox-parallel",
+    "neox-sequential",
+    "gptj-partial-rotary",
+]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -93,12 +95,19 @@ def _neox(parallel: bool) -> Callable[[], nn.Module]:
     return build
 
 
+def _gptj() -> nn.Module:
+    config = GPTJConfig(n_embd=D, n_layer=3, n_head=4, rotary_dim=8, n_positions=64, **COMMON)
+    return GPTJForCausalLM(config)
+
+
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "llama": _llama,
     "gpt2": _gpt2,
     "neox-parallel": _neox(True),
     "neox-sequential": _neox(False),
+    "gptj": _gptj,
 }
+PARALLEL = {"neox-parallel", "gptj"}  # attention and MLP read the same residual
 
 
 def make(family: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, TransformerAdapter]:
@@ -163,7 +172,7 @@ def test_graph_follows_the_models_real_residual_wiring(family, granularity) -> N
     _, a = make(family)
     scm = to_scm(a, granularity)
     edges = set(scm.graph.edges)
-    parallel = family == "neox-parallel"
+    parallel = family in PARALLEL
     assert a.arch.parallel_residual is parallel
     n_heads = a.arch.n_heads
     for layer in range(a.arch.n_layers):
@@ -177,7 +186,7 @@ def test_graph_follows_the_models_real_residual_wiring(family, granularity) -> N
             assert scm.parents(node) == (prev,)
         assert (f"attn.{layer}" in scm) is (granularity == "layer")
         mlp = f"mlp.{layer}"
-        if parallel:  # x + attn(ln1(x)) + mlp(ln2(x)): the MLP does not read its attention
+        if parallel:  # x + attn(ln1(x)) + mlp(ln(x)): the MLP does not read its attention
             assert scm.parents(mlp) == (prev,)
             assert not any((node, mlp) in edges for node in attn)
         else:

@@ -17,7 +17,14 @@ import torch
 from accelerate import dispatch_model
 from accelerate.hooks import AlignDevicesHook
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+)
 
 from causalnet.adapters import adapt, load
 from causalnet.adapters.naive import naive_patch, naive_readout
@@ -111,16 +118,25 @@ def _neox() -> nn.Module:
     return GPTNeoXForCausalLM(config).eval()
 
 
+def _gptj() -> nn.Module:
+    torch.manual_seed(0)
+    config = GPTJConfig(
+        n_embd=32, n_layer=3, n_head=4, rotary_dim=4, vocab_size=256, n_positions=64
+    )
+    return GPTJForCausalLM(config).eval()
+
+
 def _llama(folder: Path) -> nn.Module:
     return load(str(folder / "model")).model
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox", "gptj"])
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_layers_and_final_norm_offloaded_to_disk_patch_equal_unsplit_and_naive(
     family, granularity, folder, tmp_path
 ):
-    model = {"llama": lambda: _llama(folder), "gpt2": _gpt2, "neox": _neox}[family]()
+    builders = {"llama": lambda: _llama(folder), "gpt2": _gpt2, "neox": _neox, "gptj": _gptj}
+    model = builders[family]()
     ref = adapt(model, byte_tokenizer())
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     layers = layer_names(model, ref)
