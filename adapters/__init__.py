@@ -39,6 +39,11 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("gpt2", "GPT2Adapter", "GPT-2 (GPT2LMHeadModel)"),
     "gpt_neox": ("neox", "NeoXAdapter", "GPT-NeoX / Pythia (GPTNeoXForCausalLM)"),
     "gptj": ("gptj", "GPTJAdapter", "GPT-J (GPTJForCausalLM)"),
+    "gemma3_text": (
+        "gemma",
+        "GemmaAdapter",
+        "Gemma 3 text (Gemma3ForCausalLM; norms after the sublayers, layer granularity only)",
+    ),
 }
 
 #: ``config.model_type`` values that :func:`adapt` handles, with the family they map to.

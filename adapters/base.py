@@ -74,6 +74,9 @@ class Architecture:
     vocab_size: int
     parallel_residual: bool  # attn.l and mlp.l both read the residual before layer l
     norm: Literal["rms", "layer"]
+    # A norm after each sublayer (Gemma 3): attn.l = norm(o_proj(heads)), so the heads have
+    # no additive shares of attn.l and head granularity is refused.
+    sublayer_norms: bool = False
 
 
 class HookPoints(NamedTuple):
@@ -287,10 +290,20 @@ class TransformerAdapter(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _check_granularity(self, granularity: str) -> None:
+        """'layer' or 'head'; 'head' only where heads add up to their layer's output."""
+        _check_granularity(granularity)
+        if granularity == "head" and self.arch.sublayer_norms:
+            raise ModelError(
+                f"granularity='head' is not defined for this {self.arch.family} model: a norm "
+                "after the attention (attn.l = norm(o_proj(heads))) mixes its heads, so no head "
+                "has an additive share of attn.l; use granularity='layer'"
+            )
+
     def sites(self, granularity: Granularity = "layer") -> list[str]:
         """Intervenable sites in residual order: ``attn.0, mlp.0, attn.1, ...``, or with
         ``granularity="head"``: ``attn.0.h0 .. attn.0.h{H-1}, mlp.0, ...`` (HF layer index)."""
-        _check_granularity(granularity)
+        self._check_granularity(granularity)
         out: list[str] = []
         for layer in range(self.arch.n_layers):
             if granularity == "head":
@@ -317,6 +330,8 @@ class TransformerAdapter(ABC):
                 f"numbered 0..{n_heads - 1}); valid sites are e.g. 'embed', 'attn.0', "
                 f"'attn.0.h{n_heads - 1}', 'mlp.{n_layers - 1}'"
             )
+        if s.kind == "head":
+            self._check_granularity("head")
         return s
 
     # ---- tokens ------------------------------------------------------------------------------
@@ -429,7 +444,7 @@ class TransformerAdapter(ABC):
         Sequential residual: z += a^l; m^l = mlp(z); z += m^l. Parallel (``arch``): a^l and
         m^l both read z^{l-1}; z += a^l + m^l.
         """
-        _check_granularity(granularity)
+        self._check_granularity(granularity)
         tokens = self._check_tokens(tokens, ndim=2)
         run = self._run_layers(tokens, granularity, cache)
         with torch.no_grad():
@@ -529,7 +544,7 @@ class TransformerAdapter(ABC):
         batch instead of once per prompt (a clean run of ~10 tokens is bound by that), and the
         vocabulary projection of the readout positions is one matrix product.
         """
-        _check_granularity(granularity)
+        self._check_granularity(granularity)
         if positions is None:
             positions = [-1] * len(prompts)
         if len(positions) != len(prompts) or not prompts:
@@ -625,7 +640,7 @@ class TransformerAdapter(ABC):
         is causal, so a real position never reads a padded (later) one, and positions (rotary
         or learned) are absolute, the same as the prompt's alone.
         """
-        _check_granularity(granularity)
+        self._check_granularity(granularity)
         toks = [self._check_tokens(p, ndim=1) for p in prompts]
         sites = self.readout_sites(granularity)
         out = torch.empty(
