@@ -960,6 +960,13 @@ class FinalStep:
         return self.adapter.mlp(layer, resid)
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    """``[x1 | x2] -> [-x2 | x1]`` over the last dimension: the rotary convention of Llama,
+    GPT-NeoX and Gemma (``x * cos + rotate_half(x) * sin``)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype readouts accumulate in: float64 for float64 models, else float32 (so half-
     precision models get float32 direct effects, sigma and centred logits)."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, TransformerAdapter, vocab_mean
+from .base import Architecture, HookPoints, TransformerAdapter, rotate_half, vocab_mean
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -148,7 +148,7 @@ class GemmaAdapter(TransformerAdapter):
         v = attn.v_proj(x).unflatten(-1, (-1, d_head))
         cos, sin = self._body.rotary_emb(x, positions.reshape(1, -1), self._layer_types[layer])
         cos, sin = cos[0].unsqueeze(-2), sin[0].unsqueeze(-2)  # [T, 1, dh] against [..., T, H, dh]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
         """``o_proj``'s per-head terms ``W_O[:, H] z_H (+ b_O / H)`` [..., H, d], before the norm.
@@ -215,9 +215,3 @@ class GemmaAdapter(TransformerAdapter):
     def final_norm_module(self) -> nn.Module:
         """``model.norm``, whose input is z^L."""
         return self._body.norm
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    """``[x1 | x2] -> [-x2 | x1]`` over the last dimension (Gemma's rotary convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -76,6 +76,33 @@ def _layer_norm_readout(
     return w, const
 
 
+class LayerNormHead(TransformerAdapter):
+    """The final LayerNorm and unembedding of the LayerNorm families (GPT-2, GPT-NeoX, GPT-J):
+    sigma, logits and the readout from :meth:`final_norm_module` and ``_head`` (the output
+    embedding, with or without a bias), through the model's own norm."""
+
+    _head: nn.Module
+
+    def final_scale(self, resid: Tensor) -> Tensor:
+        """``sigma = sqrt(var(z) + eps)`` of the final LayerNorm (biased var): [..., d] -> [...]."""
+        return _layer_norm_scale(self.final_norm_module(), resid)
+
+    def logits(self, resid: Tensor) -> Tensor:
+        """``pi = LN_f(z) W_U^T (+ beta)`` (Eq 3): [..., d] -> [..., V]."""
+        return self._head(_layer_norm(self.final_norm_module(), resid))
+
+    def readout(self, token: int) -> tuple[Tensor, float]:
+        """``w_i = centre(g * u_i)``, ``const_i = b . u_i (+ beta_i - mean beta)``."""
+        bias = getattr(self._head, "bias", None)
+        return _layer_norm_readout(self.final_norm_module(), self._head.weight, bias, token)
+
+    @torch.no_grad()
+    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
+        """``LN_f(z) . u_i (+ beta_i - mean beta)`` through the model's own final norm (Eq 9)."""
+        u, const = _centred_unembed(self._head.weight, getattr(self._head, "bias", None), token)
+        return _layer_norm(self.final_norm_module(), resid) @ u + const
+
+
 def _check_modules(transformer: nn.Module) -> None:
     """Refuse a model whose blocks are not the plain modules this file's math describes."""
     for i, block in enumerate(transformer.h):
@@ -97,7 +124,7 @@ def _check_modules(transformer: nn.Module) -> None:
         raise ModelError("GPT2Adapter: ln_f is not a LayerNorm")
 
 
-class GPT2Adapter(TransformerAdapter):
+class GPT2Adapter(LayerNormHead):
     """``GPT2LMHeadModel`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
     Config switches that change the math are read, not assumed: ``scale_attn_weights``
@@ -209,24 +236,6 @@ class GPT2Adapter(TransformerAdapter):
         flat = x.reshape(-1, x.shape[-1])
         h = self._act(torch.addmm(c_fc.bias, flat, c_fc.weight))
         return torch.addmm(c_proj.bias, h, c_proj.weight).view(*resid.shape)
-
-    def final_scale(self, resid: Tensor) -> Tensor:
-        """``sigma = sqrt(var(z) + eps)`` of ln_f (biased variance): [..., d] -> [...]."""
-        return _layer_norm_scale(self._tr.ln_f, resid)
-
-    def logits(self, resid: Tensor) -> Tensor:
-        """``pi = ln_f(z) W_U^T (+ bias)`` (Eq 3): [..., d] -> [..., V]."""
-        return self._head(_layer_norm(self._tr.ln_f, resid))
-
-    def readout(self, token: int) -> tuple[Tensor, float]:
-        """``w_i = centre(g * u_i)``, ``const_i = b . u_i`` for ln_f's gain g and bias b."""
-        return _layer_norm_readout(self._tr.ln_f, self._head.weight, self._head.bias, token)
-
-    @torch.no_grad()
-    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
-        """``ln_f(z) . u_i (+ beta_i - mean beta)`` through the model's own final norm (Eq 9)."""
-        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
-        return _layer_norm(self._tr.ln_f, resid) @ u + const
 
     # ---- hooks for the naive oracle ----------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:

@@ -30,8 +30,8 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, TransformerAdapter
-from .gpt2 import _centred_unembed, _layer_norm, _layer_norm_readout, _layer_norm_scale
+from .base import Architecture, HookPoints
+from .gpt2 import LayerNormHead, _layer_norm
 
 
 def _check_modules(body: nn.Module) -> None:
@@ -65,7 +65,7 @@ def _rotate_every_two(x: Tensor) -> Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-class GPTJAdapter(TransformerAdapter):
+class GPTJAdapter(LayerNormHead):
     """``GPTJForCausalLM`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
     Read from the config, not assumed: ``rotary_dim`` (through the model's rotary module),
@@ -165,25 +165,6 @@ class GPTJAdapter(TransformerAdapter):
         block = self._body.h[layer]
         x = _layer_norm(block.ln_1, resid)
         return block.mlp.fc_out(self._act(block.mlp.fc_in(x)))
-
-    def final_scale(self, resid: Tensor) -> Tensor:
-        """``sigma = sqrt(var(z) + eps)`` of ln_f (biased var): [..., d] -> [...]."""
-        return _layer_norm_scale(self._body.ln_f, resid)
-
-    def logits(self, resid: Tensor) -> Tensor:
-        """``pi = ln_f(z) W_U^T + beta`` (Eq 3): [..., d] -> [..., V]."""
-        return self._head(_layer_norm(self._body.ln_f, resid))
-
-    def readout(self, token: int) -> tuple[Tensor, float]:
-        """``w_i = centre(g * u_i)``, ``const_i = b . u_i + beta_i - mean beta``."""
-        bias = getattr(self._head, "bias", None)
-        return _layer_norm_readout(self._body.ln_f, self._head.weight, bias, token)
-
-    @torch.no_grad()
-    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
-        """``ln_f(z) . u_i + beta_i - mean beta`` through the model's own norm."""
-        u, const = _centred_unembed(self._head.weight, getattr(self._head, "bias", None), token)
-        return _layer_norm(self._body.ln_f, resid) @ u + const
 
     # ---- hooks for the naive oracle ----------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:

@@ -36,6 +36,7 @@ from .base import (
     HookPoints,
     TransformerAdapter,
     accumulation_dtype,
+    rotate_half,
     vocab_mean,
 )
 
@@ -134,7 +135,7 @@ class LlamaAdapter(TransformerAdapter):
         q, k, v = self._qkv_unrotated(layer, resid)
         cos, sin = self._body.rotary_emb(resid, positions[None])  # [1, T, dh]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # broadcast over heads
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def _qkv_unrotated(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [..., H, dh], k and v [..., Hkv, dh] = {q,k,v}_proj(input_layernorm(z)), no rotary."""
@@ -240,12 +241,6 @@ class LlamaAdapter(TransformerAdapter):
         return self._body.norm
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    """``[x1 | x2] -> [-x2 | x1]`` over the last dimension (Llama's rotary convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run more than its own forward (hooks, accelerate)."""
     return bool(
@@ -304,7 +299,7 @@ class LlamaFinalStep(FinalStep):
 
     def prefix_keys(self, layer: int, keys: Tensor) -> Tensor:
         k = keys.to(self.cos.dtype)
-        return (k * self.cos - _rotate_half(k) * self.sin).to(keys.dtype)
+        return (k * self.cos - rotate_half(k) * self.sin).to(keys.dtype)
 
     def self_score_weight(self, layer: int) -> Tensor | None:
         return self.weight

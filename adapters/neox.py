@@ -33,8 +33,8 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, TransformerAdapter
-from .gpt2 import _centred_unembed, _layer_norm, _layer_norm_readout, _layer_norm_scale
+from .base import Architecture, HookPoints, rotate_half
+from .gpt2 import LayerNormHead, _layer_norm
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -61,13 +61,7 @@ def _check_modules(body: nn.Module) -> None:
         raise ModelError("NeoXAdapter: final_layer_norm is not a LayerNorm")
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    """``[x1 | x2] -> [-x2 | x1]`` over the last dimension (GPT-NeoX's rotary convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class NeoXAdapter(TransformerAdapter):
+class NeoXAdapter(LayerNormHead):
     """``GPTNeoXForCausalLM`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
     Read from the config, not assumed: ``use_parallel_residual`` (``arch.parallel_residual``),
@@ -164,8 +158,8 @@ class NeoXAdapter(TransformerAdapter):
         r = cos.shape[-1]
         q_rot, q_pass = q[..., :r], q[..., r:]
         k_rot, k_pass = k[..., :r], k[..., r:]
-        q = torch.cat((q_rot * cos + _rotate_half(q_rot) * sin, q_pass), dim=-1)
-        k = torch.cat((k_rot * cos + _rotate_half(k_rot) * sin, k_pass), dim=-1)
+        q = torch.cat((q_rot * cos + rotate_half(q_rot) * sin, q_pass), dim=-1)
+        k = torch.cat((k_rot * cos + rotate_half(k_rot) * sin, k_pass), dim=-1)
         return q, k, v
 
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
@@ -190,25 +184,6 @@ class NeoXAdapter(TransformerAdapter):
         block = self._body.layers[layer]
         x = _layer_norm(block.post_attention_layernorm, resid)
         return block.mlp.dense_4h_to_h(self._act(block.mlp.dense_h_to_4h(x)))
-
-    def final_scale(self, resid: Tensor) -> Tensor:
-        """``sigma = sqrt(var(z) + eps)`` of final_layer_norm (biased var): [..., d] -> [...]."""
-        return _layer_norm_scale(self._body.final_layer_norm, resid)
-
-    def logits(self, resid: Tensor) -> Tensor:
-        """``pi = final_layer_norm(z) W_U^T (+ bias)`` (Eq 3): [..., d] -> [..., V]."""
-        return self._head(_layer_norm(self._body.final_layer_norm, resid))
-
-    def readout(self, token: int) -> tuple[Tensor, float]:
-        """``w_i = centre(g * u_i)``, ``const_i = b . u_i (+ beta_i - mean beta)``."""
-        bias = getattr(self._head, "bias", None)
-        return _layer_norm_readout(self._body.final_layer_norm, self._head.weight, bias, token)
-
-    @torch.no_grad()
-    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
-        """``final_layer_norm(z) . u_i (+ beta_i - mean beta)`` through the model's own norm."""
-        u, const = _centred_unembed(self._head.weight, getattr(self._head, "bias", None), token)
-        return _layer_norm(self._body.final_layer_norm, resid) @ u + const
 
     # ---- hooks for the naive oracle ----------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:
