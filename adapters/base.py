@@ -960,6 +960,16 @@ class FinalStep:
         return self.adapter.mlp(layer, resid)
 
 
+def linear_head_outputs(o_proj: nn.Linear, z: Tensor, n_heads: int) -> Tensor:
+    """Each head's term of an ``nn.Linear`` output projection: ``W_O[:, H] z_H + b_O / H``,
+    [..., H, dh] -> [..., H, d]; they sum to ``o_proj(concat_H z_H)`` (a bias split equally)."""
+    w_o = o_proj.weight.view(o_proj.out_features, n_heads, -1)  # [d, H, dh]
+    out = torch.einsum("...hk,dhk->...hd", z, w_o)
+    if o_proj.bias is not None:
+        out = out + o_proj.bias / n_heads
+    return out
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """``[x1 | x2] -> [-x2 | x1]`` over the last dimension: the rotary convention of Llama,
     GPT-NeoX and Gemma (``x * cos + rotate_half(x) * sin``)."""

@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, TransformerAdapter, rotate_half, vocab_mean
+from .base import (
+    Architecture,
+    HookPoints,
+    TransformerAdapter,
+    linear_head_outputs,
+    rotate_half,
+    vocab_mean,
+)
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -157,11 +164,7 @@ class GemmaAdapter(TransformerAdapter):
         never a site's value here (head granularity is refused).
         """
         o_proj = self._body.layers[layer].self_attn.o_proj
-        w_o = o_proj.weight.view(self.arch.d_model, self.arch.n_heads, self.arch.d_head)
-        out = torch.einsum("...hk,dhk->...hd", z, w_o)
-        if o_proj.bias is not None:
-            out = out + o_proj.bias / self.arch.n_heads
-        return out
+        return linear_head_outputs(o_proj, z, self.arch.n_heads)
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l = post_attention_layernorm(o_proj(concat_H z_H))``: [..., H, dh] -> [..., d]."""

@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints
+from .base import Architecture, HookPoints, linear_head_outputs
 from .gpt2 import LayerNormHead, _layer_norm
 
 
@@ -153,8 +153,7 @@ class GPTJAdapter(LayerNormHead):
 
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l.hH = z_H @ W_O[:, H]^T`` (out_proj's columns of head H): [..., H, d]."""
-        w_o = self._body.h[layer].attn.out_proj.weight.view(-1, self.arch.n_heads, self.arch.d_head)
-        return torch.einsum("...hk,dhk->...hd", z, w_o)
+        return linear_head_outputs(self._body.h[layer].attn.out_proj, z, self.arch.n_heads)
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l = out_proj(concat_H z_H)``: [..., H, dh] -> [..., d]."""

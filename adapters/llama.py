@@ -36,6 +36,7 @@ from .base import (
     HookPoints,
     TransformerAdapter,
     accumulation_dtype,
+    linear_head_outputs,
     rotate_half,
     vocab_mean,
 )
@@ -151,11 +152,7 @@ class LlamaAdapter(TransformerAdapter):
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l.hH = W_O[:, H] z_H (+ b_O / H)``: [..., H, dh] -> [..., H, d]."""
         o_proj = self._body.layers[layer].self_attn.o_proj
-        w_o = o_proj.weight.view(self.arch.d_model, self.arch.n_heads, self.arch.d_head)
-        out = torch.einsum("...hk,dhk->...hd", z, w_o)
-        if o_proj.bias is not None:
-            out = out + o_proj.bias / self.arch.n_heads
-        return out
+        return linear_head_outputs(o_proj, z, self.arch.n_heads)
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l = o_proj(concat_H z_H)`` (fused): [..., H, dh] -> [..., d]."""

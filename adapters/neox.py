@@ -33,7 +33,7 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, rotate_half
+from .base import Architecture, HookPoints, linear_head_outputs, rotate_half
 from .gpt2 import LayerNormHead, _layer_norm
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
@@ -165,12 +165,7 @@ class NeoXAdapter(LayerNormHead):
     def head_outputs(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l.hH = z_H @ W_O[:, H]^T + b_O / H`` (dense's columns of head H): [..., H, d]."""
         dense = self._body.layers[layer].attention.dense
-        n_heads, d_head = self.arch.n_heads, self.arch.d_head
-        w_o = dense.weight.view(-1, n_heads, d_head)  # [d_out, H, dh]
-        out = torch.einsum("...hk,dhk->...hd", z, w_o)
-        if dense.bias is not None:
-            out = out + dense.bias / n_heads
-        return out
+        return linear_head_outputs(dense, z, self.arch.n_heads)
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l = dense(concat_H z_H)``: [..., H, dh] -> [..., d]."""
