@@ -17,7 +17,7 @@ from causalnet.adapters.naive import naive_patch
 from causalnet.errors import CausalNetError, ResultsError
 from causalnet.hydra.store import ResultsStore
 from causalnet.hydra.sweep import SweepConfig, ablation_values, run_sweep, select_sites
-from tiny_lm import save_tiny_llama, write_prompts
+from tiny_lm import OTHER_FAMILIES, save_tiny, save_tiny_llama, write_prompts
 
 N_PROMPTS = 12
 
@@ -60,6 +60,26 @@ def test_sweep_rows_satisfy_the_exact_identity(tiny, tmp_path):
     assert residual.abs().max() < 1e-4  # float32 model, float64 bookkeeping
     split = effects["compensatory_attn"] + effects["compensatory_mlp"]
     assert (split - effects["compensatory_effect"]).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_sweep_from_a_folder_of_every_family_keeps_the_identity(family, tiny, tmp_path):
+    """GPT-2, GPT-NeoX (parallel), GPT-J (parallel) and Gemma 3 (norms after the sublayers)
+    through the command's code path: every row, and the exact identity, as for Llama."""
+    model = save_tiny(tmp_path / family, family)
+    config = SweepConfig(model=str(model), prompts=str(tiny[1]), k=3, limit=6)
+    store = ResultsStore(run_sweep(config, tmp_path / "r", progress=False))
+    effects, readouts = store.load_effects(), store.load_readouts()
+    assert len(effects) == 6 * 6 and len(readouts) == 6 * 6 * 7
+    expected = {"gemma3_text": "gemma3"}.get(family, family)  # model_type -> adapter family
+    assert load(str(model)).arch.family == expected
+    residual = effects["total_effect"] - (
+        (effects["direct_effect_ablated_self"] - effects["direct_effect"])
+        + effects["compensatory_effect"]
+        + effects["delta_de_upstream"]
+    )
+    assert residual.abs().max() < 1e-4
+    assert effects["total_effect"].abs().max() > 1e-3  # the ablations did something
 
 
 def test_sweep_total_effect_matches_a_naive_hooked_reforward(tiny, tmp_path):
