@@ -39,8 +39,8 @@ from .base import (
     TransformerAdapter,
     linear_head_outputs,
     rotate_half,
-    vocab_mean,
 )
+from .gpt2 import _centred_unembed
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -61,8 +61,8 @@ def _check_modules(body: nn.Module) -> None:
         attn = layer.self_attn
         parts = {name: (getattr(layer, name), norm_class) for name in _NORMS}
         parts |= {f"self_attn.{n}": (getattr(attn, n), norm_class) for n in ("q_norm", "k_norm")}
-        parts |= {f"self_attn.{n}": (getattr(attn, n), nn.Linear) for n in ("q_proj", "o_proj")}
-        parts |= {f"self_attn.{n}": (getattr(attn, n), nn.Linear) for n in ("k_proj", "v_proj")}
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+        parts |= {f"self_attn.{n}": (getattr(attn, n), nn.Linear) for n in projections}
         for name, (module, kind) in parts.items():
             if type(module) is not kind:
                 raise ModelError(
@@ -187,21 +187,16 @@ class GemmaAdapter(TransformerAdapter):
         return self._head(self._body.norm(resid))
 
     @torch.no_grad()
-    def _centred_unembed(self, token: int) -> Tensor:
-        w_u = self._head.weight
-        if not 0 <= token < w_u.shape[0]:
-            raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
-        return w_u[token] - vocab_mean(w_u)
-
-    @torch.no_grad()
     def readout(self, token: int) -> tuple[Tensor, float]:
-        """``w_i = (1 + G) * (W_U[i] - mean_j W_U[j])``, ``const_i = 0``."""
-        return (1.0 + self._body.norm.weight) * self._centred_unembed(token), 0.0
+        """``w_i = (1 + G) * (W_U[i] - mean_j W_U[j])``, ``const_i = 0`` (no lm_head bias)."""
+        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        return (1.0 + self._body.norm.weight) * u, const
 
     @torch.no_grad()
     def centred_logit(self, resid: Tensor, token: int) -> Tensor:
         """``norm(z) . (W_U[i] - mean_j W_U[j])`` through the model's own final norm (Eq 9)."""
-        return self._body.norm(resid) @ self._centred_unembed(token)
+        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        return self._body.norm(resid) @ u + const
 
     # ---- hooks for the naive oracle ------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:

@@ -38,8 +38,8 @@ from .base import (
     accumulation_dtype,
     linear_head_outputs,
     rotate_half,
-    vocab_mean,
 )
+from .gpt2 import _centred_unembed
 
 # Hugging Face classes whose forward is exactly the block structure above.
 _CLASSES = {
@@ -188,25 +188,15 @@ class LlamaAdapter(TransformerAdapter):
         return self._head(self._body.norm(resid))
 
     @torch.no_grad()
-    def _centred_unembed(self, token: int) -> tuple[Tensor, float]:
-        w_u = self._head.weight
-        if not 0 <= token < w_u.shape[0]:
-            raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
-        u = w_u[token] - vocab_mean(w_u)
-        bias = self._head.bias
-        const = 0.0 if bias is None else float(bias[token] - bias.mean())
-        return u, const
-
-    @torch.no_grad()
     def readout(self, token: int) -> tuple[Tensor, float]:
         """``w_i = G * (W_U[i] - mean_j W_U[j])``, ``const_i = 0`` (+ a centred lm_head bias)."""
-        u, const = self._centred_unembed(token)
+        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
         return self._body.norm.weight * u, const
 
     @torch.no_grad()
     def centred_logit(self, resid: Tensor, token: int) -> Tensor:
         """``norm(z) . (W_U[i] - mean_j W_U[j])`` through the model's own final norm (Eq 9)."""
-        u, const = self._centred_unembed(token)
+        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
         return self._body.norm(resid) @ u + const
 
     # ---- the patch engine's inner loop -----------------------------------------------------
