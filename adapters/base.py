@@ -7,8 +7,8 @@ and implements the block methods marked ``@abstractmethod``, reading the Hugging
 weights by reference (never copied). Everything else -- the full-sequence forward, the cached
 clean run, the batched fast patching, the readouts -- lives here once, for every family.
 
-Sites (``CONVENTIONS.md``): ``embed``, ``attn.l``, ``mlp.l`` (l = 0..L-1, Hugging Face's layer
-index), ``attn.l.hH``. The value of a site is what it adds to the residual stream, so
+Sites (``docs/conventions.md``): ``embed``, ``attn.l``, ``mlp.l`` (l = 0..L-1, Hugging Face's
+layer index), ``attn.l.hH``. The value of a site is what it adds to the residual stream, so
 ``z_final = embed + sum_l (attn.l + mlp.l)`` (paper Eq 21) and ``attn.l = sum_H attn.l.hH``.
 
 Readout (Eqs 9, 10, 24-28): ``readout(i)`` returns ``(w_i, const_i)`` with ``w_i`` the centred
@@ -30,8 +30,8 @@ SHARED MACHINERY (below the block methods; works for every family through them):
 - :meth:`TransformerAdapter.patch` -- do(site = value) at the clean run's position (Eq 11) for
   many (site, patch) rows at once (:class:`PatchedRun`): only the final position is recomputed,
   from the site's layer upward, layer-synchronously over all rows; each row is read out at its
-  own final scale (CONVENTIONS "Which sigma"), its total effect is Eq 12 and its readout sites'
-  direct effects are the ablated direct effects of Eq 13.
+  own final scale (``docs/conventions.md``, "Which sigma"), its total effect is Eq 12 and its
+  readout sites' direct effects are the ablated direct effects of Eq 13.
 - :meth:`TransformerAdapter.hook_points` / :meth:`TransformerAdapter.final_norm_module` -- the
   Hugging Face modules the independent oracle (:mod:`causalnet.adapters.naive`) hooks.
 """
@@ -186,7 +186,7 @@ class CleanRun:
 class PatchedRun:
     """The runs do(site_s = values[s, p]) at the clean run's position (Eq 11), one per row.
 
-    Each run is read out at its own final scale ``sigma`` (CONVENTIONS "Which sigma"):
+    Each run is read out at its own final scale ``sigma`` (docs/conventions.md, "Which sigma"):
     ``direct_effects[s, p, r]`` = (c_r . w_i) / sigma[s, p] for every readout site r of the clean
     run (Eq 13: the ablated direct effects); ``centred_logit[s, p]`` is the model's centred logit
     of the clean target computed from the patched final residual (not by summing direct

@@ -11,7 +11,7 @@ Every ablation has the same small interface: ``n_draws`` (how many values it dra
 and ``sample(natural, generator) -> Tensor[n_draws, B, ...]``. An effect measured under a
 stochastic ablation is the Monte-Carlo mean over the draws (Eq 39); see :mod:`causalnet.effects`.
 
-Choices made where the paper leaves them open (``CONVENTIONS.md``):
+Choices made where the paper leaves them open (``docs/conventions.md``):
 
 - ``pool`` (Mean, Resample) is a tensor ``[P, ...]`` of values to draw from. By default it is the
   node's natural values in the *other* contexts of the batch, never the context's own value:

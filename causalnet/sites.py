@@ -1,6 +1,6 @@
 """Site names of a transformer's residual stream, and which sites are downstream of which.
 
-Names a person can type, numbered from 0 as in Hugging Face (``CONVENTIONS.md``):
+Names a person can type, numbered from 0 as in Hugging Face (``docs/conventions.md``, "Sites"):
 
 - ``embed``: the token (+ position) embedding at the readout position;
 - ``attn.l``: attention layer l's output (what it adds to the residual stream);
