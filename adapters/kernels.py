@@ -24,7 +24,7 @@ use it: one extra copy of every linear weight used this way (SmolLM2-135M: the 3
 v, o, gate, up, down = 106M parameters, 425 MB; :func:`packed_bytes` says how much is held). The
 copy is keyed by the weight tensor, its storage, shape and in-place version counter: an edited
 or replaced weight is packed again, and the copy is dropped when the weight is freed.
-``CAUSALNET_PACKED_WEIGHTS=0`` turns packing off (plain weights, no copy).
+``CAUSALNET_PACKED_WEIGHTS=0`` turns packing off (plain weights, no copy; read at each call).
 
 The oneDNN path (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own compiler emits for
 CPU linear layers) is used only where it is exact and safe:
@@ -35,8 +35,9 @@ CPU linear layers) is used only where it is exact and safe:
   used, so gradients through the block methods keep working;
 - the op exists in this PyTorch build and passes a probe against ``F.linear`` (once per
   process); otherwise the fallback is ``F.linear`` and :func:`status` says why;
-- not switched off: ``CAUSALNET_ONEDNN=0`` in the environment, or the
-  :func:`reference_kernels` context manager (the tests use it to compare both paths).
+- not switched off: ``CAUSALNET_ONEDNN=0`` in the environment (read at each call, so setting it
+  after import takes effect), or the :func:`reference_kernels` context manager (the tests use
+  it to compare both paths).
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ from torch.nn import functional as F
 
 
 def _env_on(name: str) -> bool:
+    """Switch ``name`` as the environment holds it now (on unless 0/false/no/off): read at each
+    use, never cached at import, so a value set later takes effect."""
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-_enabled = _env_on("CAUSALNET_ONEDNN")
-_pack = _env_on("CAUSALNET_PACKED_WEIGHTS")
+_reference_only = False  # inside reference_kernels()
 _packed: dict[int, tuple[weakref.ref, tuple, Tensor, int]] = {}
 _pack_lock = threading.Lock()
 
@@ -66,13 +68,21 @@ _pack_lock = threading.Lock()
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
     """Within this context every function here is its plain ``torch.nn.functional`` spelling."""
-    global _enabled
-    before = _enabled
-    _enabled = False
+    global _reference_only
+    before = _reference_only
+    _reference_only = True
     try:
         yield
     finally:
-        _enabled = before
+        _reference_only = before
+
+
+def _onednn_on() -> bool:
+    return not _reference_only and _env_on("CAUSALNET_ONEDNN")
+
+
+def _pack_on() -> bool:
+    return _env_on("CAUSALNET_PACKED_WEIGHTS")
 
 
 @functools.cache
@@ -109,19 +119,19 @@ def _probe() -> str | None:
 
 def status() -> str:
     """Which kernel float32 CPU linears use now, and why (for benchmark reports)."""
-    if not _enabled:
+    if not _onednn_on():
         return "torch.nn.functional (oneDNN switched off)"
     reason = _probe()
     if reason is not None:
         return f"F.linear: {reason}"
-    packing = "packed weight copies" if _pack else "plain weights"
+    packing = "packed weight copies" if _pack_on() else "plain weights"
     return f"oneDNN (torch.ops.mkldnn._linear_pointwise, {packing})"
 
 
 def _use_onednn(*tensors: Tensor | None) -> bool:
     x = tensors[0]
     assert x is not None
-    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_on():
         return False
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
@@ -136,7 +146,7 @@ def _use_onednn(*tensors: Tensor | None) -> bool:
 def _packed_weight(weight: Tensor) -> Tensor:
     """oneDNN's packed copy of ``weight`` (made on first use, see the module docstring), or the
     weight itself with packing switched off."""
-    if not _pack:
+    if not _pack_on():
         return weight
     key = (weight.data_ptr(), tuple(weight.shape), weight._version)
     hit = _packed.get(id(weight))

@@ -61,7 +61,7 @@ BUNDLED: dict[str, BundledModel] = {
 
 
 def cache_root() -> Path:
-    """``$CAUSALNET_CACHE`` if set, else ``~/.cache/causalnet``."""
+    """``$CAUSALNET_CACHE`` if set, else ``~/.cache/causalnet``; read at each call."""
     env = os.environ.get("CAUSALNET_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "causalnet"
 

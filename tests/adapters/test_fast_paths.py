@@ -184,7 +184,7 @@ def test_packed_weight_copies_follow_edits_and_are_freed_with_the_weight():
 
 
 def test_packing_off_uses_the_plain_weights(monkeypatch):
-    monkeypatch.setattr(kernels, "_pack", False)
+    monkeypatch.setenv("CAUSALNET_PACKED_WEIGHTS", "0")
     w = torch.randn(16, 8)
     held = kernels.packed_bytes()
     x = torch.randn(3, 8)
