@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--ablation",
         choices=("resample", "zero", "mean", "noise"),
         default="resample",
-        help="resample: K other prompts' values (default); zero; mean over the prompts; "
+        help="resample: K other prompts' values (default); zero; mean over the other prompts; "
         "noise: the value plus Gaussian noise (K draws)",
     )
     hydra.add_argument(
@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print the per-layer summary table of a results folder")
     report.add_argument("results", help="results folder written by 'causalnet hydra'")
-    report.add_argument("--csv", default=None, help="also write the full table to this CSV file")
+    report.add_argument(
+        "--csv", default=None, help="also write the full table to this CSV file (folder must exist)"
+    )
     report.add_argument("--all", action="store_true", help="print every column, not the main ones")
     return parser
 
@@ -170,15 +172,28 @@ REPORT_COLUMNS = [
 
 
 def _print_report(results: str, csv: str | None, every_column: bool) -> None:
+    from pathlib import Path
+
     import pandas as pd
 
+    from .errors import ResultsError
     from .hydra.analysis import fraction_restored, summary_table
     from .hydra.store import ResultsStore
 
+    # --csv into a missing folder is an error (checked before any work), not a folder created
+    # silently: a typo in the path should not scatter folders around.
+    target = Path(csv) if csv else None
+    if target is not None and target.is_dir():
+        raise ResultsError(f"--csv {csv}: is a folder; give the path of a CSV file")
+    if target is not None and not target.parent.is_dir():
+        raise ResultsError(f"--csv {csv}: the folder {target.parent} does not exist; create it")
     effects = ResultsStore(results).load_effects()
     table = summary_table(effects)
-    if csv:
-        table.to_csv(csv, index=False)
+    if target is not None:
+        try:
+            table.to_csv(target, index=False)
+        except OSError as err:
+            raise ResultsError(f"--csv {csv}: cannot write the file: {err}") from err
     shown = table if every_column else table[REPORT_COLUMNS]
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

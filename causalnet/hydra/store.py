@@ -41,10 +41,18 @@ each file either complete or absent (plus perhaps a stray ``.*.tmp``, removed at
 :meth:`~ResultsStore.open`). A prompt counts as completed once its effects shard exists, and the
 effects shard is written after the prompt's other shards, so a kill between them leaves orphan
 readouts/patches shards that the next open removes and the resumed sweep writes again. The
-folder is guarded by an advisory ``flock`` on ``.lock`` (released by the kernel when the process
-dies), so two processes never write one folder; within one process, opening a folder again
-closes the earlier store object (which can then no longer write). Durability against power
-loss (fsync) is not attempted; a corrupt shard is reported by name at consolidation.
+folder is guarded by an OS lock on ``.lock`` (``filelock.FileLock``: ``flock`` on POSIX,
+``msvcrt.locking`` on Windows; released by the kernel when the process dies, even by SIGKILL),
+so two processes never write one folder; within one process, opening a folder again closes the
+earlier store object (which can then no longer write).
+
+**Whose folder.** :meth:`~ResultsStore.open` writes nothing until the folder passes
+:func:`~causalnet.hydra.folder.check_out_folder`: absent, empty, or holding a ``run.json`` this
+library wrote. A non-empty folder of other files (``--out .``) is refused untouched; so are a
+file and a read-only place. The readers refuse a folder without our ``run.json``.
+
+Durability against power loss (fsync) is not attempted; a corrupt shard is reported by name at
+consolidation.
 
 **Determinism.** Rows are validated, cast to fixed column types (:data:`EFFECTS_SCHEMA`, ...)
 and sorted when a shard is written (sites in residual order, :func:`site_sort_key`);
@@ -70,9 +78,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -88,6 +96,13 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..errors import ResultsError, UnknownNodeError
 from ..sites import parse_site
+from .folder import (
+    RUN_FORMAT,
+    FolderLock,
+    check_out_folder,
+    check_results_folder,
+    read_run_json,
+)
 
 PromptId = int | str
 
@@ -190,6 +205,11 @@ _COMPRESSION = "zstd"
 
 _FINALIZE_KEYS = ("finalized_at", "n_prompts", "info")
 
+#: The temporary files :func:`_atomic_write` makes: ``.<name>.<pid>.<hex>.tmp``.
+_TMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]+\.tmp$")
+
+_INT64 = (-(2**63), 2**63 - 1)
+
 #: The store object of this process that holds each folder's lock (by resolved path).
 _HELD: dict[Path, ResultsStore] = {}
 
@@ -206,8 +226,17 @@ def encode_prompt_id(prompt_id: PromptId) -> str:
     if isinstance(prompt_id, bool) or not isinstance(prompt_id, int | str):
         raise ResultsError(f"prompt id {prompt_id!r} must be an int or a str")
     if isinstance(prompt_id, int):
+        if not _INT64[0] <= prompt_id <= _INT64[1]:
+            raise ResultsError(f"prompt id {prompt_id} does not fit the int64 prompt_id column")
         return f"i{prompt_id}"
-    key = "s" + base64.urlsafe_b64encode(prompt_id.encode("utf-8")).decode("ascii").rstrip("=")
+    try:
+        raw = prompt_id.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ResultsError(
+            f"prompt id {prompt_id!r} is not valid Unicode text (a lone surrogate at "
+            f"character {err.start}); it cannot be stored"
+        ) from err
+    key = "s" + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
     if len(key) > 200:
         raise ResultsError(f"prompt id {prompt_id[:40]!r}... is too long for a shard file name")
     return key
@@ -224,6 +253,34 @@ def decode_prompt_id(key: str) -> PromptId:
     except (ValueError, binascii.Error, UnicodeError) as err:
         raise ResultsError(f"shard key {key!r} does not encode a prompt id: {err}") from err
     raise ResultsError(f"shard key {key!r} does not encode a prompt id")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _compare_args(path: Path, stored: dict[str, Any], args: dict[str, Any]) -> None:
+    """ResultsError listing every key (outside IGNORED_ARG_KEYS) whose value differs."""
+    keys = sorted((set(stored) | set(args)) - IGNORED_ARG_KEYS)
+    differ = [k for k in keys if stored.get(k, "<absent>") != args.get(k, "<absent>")]
+    if not differ:
+        return
+    detail = "; ".join(
+        f"{k}: stored {_short(stored.get(k, '<absent>'))}, now {_short(args.get(k, '<absent>'))}"
+        for k in differ
+    )
+    changed = [k for k in differ if k.endswith("_fingerprint")]
+    inputs = (
+        f" The inputs behind {', '.join(changed)} changed since the folder was written."
+        if changed
+        else ""
+    )
+    raise ResultsError(
+        f"{path} was written with different arguments ({detail}).{inputs} Its results cannot "
+        "be mixed with this run's: resume with the arguments and inputs it was written with, "
+        "or write this run to a new results folder (another --out)"
+    )
 
 
 def _now() -> str:
@@ -268,7 +325,7 @@ class ResultsStore:
         self.path = Path(path)
         self.run_path = self.path / "run.json"
         self.shards = self.path / "shards"
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(self.path)
         self._done: set[PromptId] = set()
         self._id_type: type | None = None
         self._may_be_consolidated = True  # consolidated files may exist and match the shards
@@ -280,10 +337,16 @@ class ResultsStore:
         A new (or empty) folder gets ``run.json`` with ``args``. A folder that already holds a
         run is resumed when ``resume`` is true and its stored arguments equal ``args`` (except
         :data:`IGNORED_ARG_KEYS`); otherwise ResultsError. Leftover temporary files and orphan
-        shards of an interrupted prompt are removed.
+        shards of an interrupted prompt are removed. Nothing is written before :meth:`check`
+        passes, so a folder that is not a results folder (``--out .``), a file, or a
+        read-only place is refused untouched.
         """
         norm = _normalise_args(args)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check(norm, resume)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ResultsError(f"cannot create the results folder {self.path}: {err}") from err
         self._acquire_lock()
         try:
             run = self._open_run(norm, resume)
@@ -298,13 +361,31 @@ class ResultsStore:
                 }
             )
             _write_json(self.run_path, run)
+        except OSError as err:
+            self.close()
+            raise ResultsError(f"cannot write the results folder {self.path}: {err}") from err
         except BaseException:
             self.close()
             raise
         self._may_be_consolidated = True
         return self
 
+    def check(self, args: dict[str, Any], resume: bool = True) -> None:
+        """What :meth:`open` checks before writing, writing nothing (call it early, before
+        loading a model): the folder is absent, empty or a results folder
+        (:func:`~causalnet.hydra.folder.check_out_folder`), and a run already there is resumed
+        with equal arguments. Raises ResultsError naming the folder and what is wrong."""
+        norm = _normalise_args(args)
+        if check_out_folder(self.path):
+            if not resume:
+                raise ResultsError(
+                    f"{self.path} already holds a run (run.json); resume it or use another folder"
+                )
+            _compare_args(self.path, self.load_run()["args"], norm)
+
     def _open_run(self, args: dict[str, Any], resume: bool) -> dict[str, Any]:
+        """Under the lock: check again (another process may have written meanwhile)."""
+        self.check(args, resume)
         if not self.run_path.exists():
             if self.shards.exists() and any(self.shards.iterdir()):
                 raise ResultsError(
@@ -312,26 +393,8 @@ class ResultsStore:
                     "library can resume"
                 )
             self.shards.mkdir(exist_ok=True)
-            return {"format": 1, "args": args, "created_at": _now(), "sessions": []}
-        if not resume:
-            raise ResultsError(
-                f"{self.path} already holds a run (run.json); resume it or use another folder"
-            )
+            return {"format": RUN_FORMAT, "args": args, "created_at": _now(), "sessions": []}
         run = self.load_run()
-        stored = run.get("args")
-        if not isinstance(stored, dict):
-            raise ResultsError(f"{self.run_path} has no 'args' object")
-        keys = sorted((set(stored) | set(args)) - IGNORED_ARG_KEYS)
-        differ = [k for k in keys if stored.get(k, "<absent>") != args.get(k, "<absent>")]
-        if differ:
-            detail = "; ".join(
-                f"{k}: stored {stored.get(k, '<absent>')!r}, now {args.get(k, '<absent>')!r}"
-                for k in differ
-            )
-            raise ResultsError(
-                f"{self.path} was written with different arguments ({detail}); resume with the "
-                "same arguments or write to another folder"
-            )
         has_consolidated = any((self.path / f"{t}.parquet").exists() for t in _TABLES)
         if has_consolidated and not self.shards.is_dir():
             raise ResultsError(
@@ -341,31 +404,22 @@ class ResultsStore:
         return run
 
     def _acquire_lock(self) -> None:
-        """Take the folder's flock. Another process holding it is an error; an earlier store
-        object of this process (e.g. left open by an exception) is closed and replaced."""
-        if self._lock_fd is not None:
+        """Take the folder's OS lock (:class:`~causalnet.hydra.folder.FolderLock`). Another
+        process holding it is an error; an earlier store object of this process (e.g. left open
+        by an exception) is closed and replaced."""
+        if self._lock.held:
             return
         key = self.path.resolve()
         earlier = _HELD.get(key)
         if earlier is not None and earlier is not self:
             earlier.close()
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            raise ResultsError(
-                f"{self.path} is being written by another process (lock {self.path / '.lock'})"
-            ) from err
-        self._lock_fd = fd
+        self._lock.acquire()
         _HELD[key] = self
 
     def close(self) -> None:
         """Release the folder's lock (idempotent). Nothing is lost: shards are already on disk."""
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock.held:
+            self._lock.release()
             key = self.path.resolve()
             if _HELD.get(key) is self:
                 del _HELD[key]
@@ -377,13 +431,14 @@ class ResultsStore:
         self.close()
 
     def _require_open(self) -> None:
-        if self._lock_fd is None:
+        if not self._lock.held:
             raise ResultsError(f"{self.path}: call open(args) before writing")
 
     def _clean_leftovers(self) -> None:
         for folder in (self.path, self.shards):
             for tmp in folder.glob(".*.tmp"):
-                tmp.unlink()
+                if _TMP_NAME.match(tmp.name):
+                    tmp.unlink()
         complete = {p.name.split(".")[0] for p in self.shards.glob("*.effects.parquet")}
         for table in ("readouts", "patches"):
             for shard in self.shards.glob(f"*.{table}.parquet"):
@@ -404,7 +459,7 @@ class ResultsStore:
 
     def completed_ids(self) -> frozenset[PromptId]:
         """Ids of the prompts whose rows are on disk (read from shard names when not open)."""
-        if self._lock_fd is None:
+        if not self._lock.held:
             return frozenset(self._scan_completed()) if self.shards.is_dir() else frozenset()
         return frozenset(self._done)
 
@@ -474,7 +529,8 @@ class ResultsStore:
         no completed prompts, when a shard is unreadable or holds another prompt's rows, or when
         rows are duplicated.
         """
-        if self._lock_fd is None:
+        if not self._lock.held:
+            check_results_folder(self.path)
             self._acquire_lock()
             try:
                 return self._consolidate()
@@ -521,16 +577,8 @@ class ResultsStore:
 
     # ---- reading ---------------------------------------------------------------------------
     def load_run(self) -> dict[str, Any]:
-        """The contents of run.json."""
-        try:
-            data = json.loads(self.run_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise ResultsError(f"{self.run_path} not found: not a results folder") from err
-        except (OSError, ValueError) as err:
-            raise ResultsError(f"{self.run_path} is unreadable: {err}") from err
-        if not isinstance(data, dict):
-            raise ResultsError(f"{self.run_path} does not hold a JSON object")
-        return data
+        """The contents of run.json (ResultsError when absent or not written by causalnet)."""
+        return read_run_json(self.run_path)
 
     def load_effects(self) -> pd.DataFrame:
         """The effects table: one row per prompt and ablated site (module doc for columns)."""
@@ -548,6 +596,7 @@ class ResultsStore:
 
     def patch_prompt_ids(self) -> list[PromptId]:
         """The sorted ids of the prompts that kept per-patch rows (Figure 1)."""
+        check_results_folder(self.path)
         path = self.path / "patches.parquet"
         if path.exists():
             try:
@@ -561,6 +610,7 @@ class ResultsStore:
 
     def _load(self, name: str, prompt_ids: Iterable[PromptId] | None) -> pd.DataFrame:
         """The consolidated file if present, else the shards consolidated in memory."""
+        check_results_folder(self.path)
         wanted = None if prompt_ids is None else set(prompt_ids)
         path = self.path / f"{name}.parquet"
         if path.exists():
