@@ -1,1 +1,2 @@
-"""Package data: the Counterfact known-facts prompts (known_1000.json). See README.md here."""
+"""Package data: the Counterfact known-facts prompts (known_1000.json) and the LRE relations
+(lre/<group>/<relation>.json). Provenance and licenses in README.md here."""

@@ -5,19 +5,23 @@ position of ``Prompt.text`` (paper Section 2.2: subject and relation only, no ob
 true object is kept as ``Prompt.attribute`` so the sweep can record whether the model's
 maximum-likelihood token (Eq 10) is the first token of ``" " + attribute``.
 
-Sources (provenance and licenses in ``causalnet/data/README.md`` and ``../shared/data``):
+Sources (provenance and licenses in ``causalnet/data/README.md``):
 
 - ``known_1000``: the 1,209 Counterfact "known facts" prompts (Meng et al. 2022), bundled as
   package data; ``id`` is the record's ``known_id``.
-- ``lre``: the 47 relations of Hernandez et al. 2023 (``<root>/<group>/<name>.json``); each
-  sample's subject fills the ``{}`` of one of the relation's templates; ``id`` is
-  ``"<file stem>/<sample index>"``.
+- ``lre``: the 47 relations of Hernandez et al. 2023, bundled as package data
+  (``causalnet/data/lre/<group>/<name>.json``, read with :mod:`importlib.resources`, so an
+  installed wheel has them) or read from a folder of the same layout; each sample's subject
+  fills the ``{}`` of one of the relation's templates; ``id`` is ``"<file stem>/<sample index>"``.
 - a JSON file (a list of objects) or a JSONL file (one object per line) with at least
   ``prompt`` (or ``text``) and optionally ``id`` (or ``known_id``), ``attribute``, ``subject``,
   ``relation`` (or ``relation_id``).
 
 Every malformed input raises :class:`~causalnet.errors.DataError` naming the file and the
-record (index, id, or JSONL line).
+record (index, id, or JSONL line), when the prompts are loaded, before a sweep writes anything:
+ids must be ints that fit int64 or non-empty strings (no bools, floats or nulls; unique; one
+type per set) short enough for a shard file name, and every text field valid Unicode (a lone
+surrogate, which JSON's ``\\ud800`` escapes can produce, cannot be written to UTF-8).
 """
 
 from __future__ import annotations
@@ -30,12 +34,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, ResultsError
+from .store import encode_prompt_id
+
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
 
 PromptId = int | str
 
-#: The LRE data set's default location: ``../shared/data/lre`` beside the repository checkout.
-DEFAULT_LRE_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lre"
+#: The bundled LRE relations: package data ``causalnet/data/lre`` (a Path in an unpacked install).
+DEFAULT_LRE_ROOT: Traversable = resources.files("causalnet.data").joinpath("lre")
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -83,25 +95,36 @@ def load_known_1000() -> list[Prompt]:
     return prompts
 
 
-def lre_relations(root: str | os.PathLike[str] | None = None) -> dict[str, Path]:
-    """The LRE relation files under ``root``, keyed by file stem (``"city_in_country"``).
+def lre_relations(root: str | os.PathLike[str] | None = None) -> dict[str, Traversable]:
+    """The LRE relation files (``<group>/<relation>.json``) under ``root``, keyed by file stem
+    (``"city_in_country"``), sorted by group and stem.
 
-    ``root`` defaults to :data:`DEFAULT_LRE_ROOT`. Raises DataError when it holds none.
+    ``root`` defaults to the bundled relations (:data:`DEFAULT_LRE_ROOT`). Raises DataError
+    when it holds none.
     """
-    base = Path(root) if root is not None else DEFAULT_LRE_ROOT
+    return {stem: file for stem, (_, file) in _lre_files(root).items()}
+
+
+def _lre_files(root: str | os.PathLike[str] | None) -> dict[str, tuple[str, Traversable]]:
+    base: Traversable = Path(root) if root is not None else DEFAULT_LRE_ROOT
     if not base.is_dir():
         raise DataError(
             f"{base}: LRE data folder not found; pass root= the folder holding "
-            "<group>/<relation>.json (e.g. ../shared/data/lre)"
+            "<group>/<relation>.json"
         )
-    files = sorted(base.glob("*/*.json"))
-    if not files:
+    out: dict[str, tuple[str, Traversable]] = {}
+    for group in sorted(base.iterdir(), key=lambda t: t.name):
+        if group.name.startswith(".") or not group.is_dir():
+            continue
+        for f in sorted(group.iterdir(), key=lambda t: t.name):
+            if f.name.startswith(".") or not f.name.endswith(".json") or not f.is_file():
+                continue
+            stem = f.name[: -len(".json")]
+            if stem in out:
+                raise DataError(f"{f}: relation {stem!r} also defined in {out[stem][1]}")
+            out[stem] = (group.name, f)
+    if not out:
         raise DataError(f"{base}: no <group>/<relation>.json files in the LRE data folder")
-    out: dict[str, Path] = {}
-    for f in files:
-        if f.stem in out:
-            raise DataError(f"{f}: relation {f.stem!r} also defined in {out[f.stem]}")
-        out[f.stem] = f
     return out
 
 
@@ -119,19 +142,19 @@ def load_lre(
     ``prompt_templates_zs`` with ``zero_shot=True``). Ids are ``"<stem>/<sample index>"``,
     ``relation`` the stem, ``attribute`` the sample's object.
     """
-    available = lre_relations(root)
+    available = _lre_files(root)
     if relations is None:
-        chosen = list(available.values())
+        chosen = [file for _, file in available.values()]
     else:
         chosen = []
         for name in relations:
             stem = name.split("/")[-1]
-            path = available.get(stem)
-            if path is None or ("/" in name and f"{path.parent.name}/{stem}" != name):
+            found = available.get(stem)
+            if found is None or ("/" in name and f"{found[0]}/{stem}" != name):
                 raise DataError(
                     f"unknown LRE relation {name!r}; available: {', '.join(sorted(available))}"
                 )
-            chosen.append(path)
+            chosen.append(found[1])
     key = "prompt_templates_zs" if zero_shot else "prompt_templates"
     prompts: list[Prompt] = []
     for path in chosen:
@@ -140,7 +163,8 @@ def load_lre(
     return prompts
 
 
-def _lre_file(path: Path, key: str, template_index: int) -> list[Prompt]:
+def _lre_file(path: Traversable, key: str, template_index: int) -> list[Prompt]:
+    stem = path.name[: -len(".json")]
     data = _parse_json(_read(path), str(path))
     _require_mapping(data, str(path))
     templates = data.get(key)
@@ -154,6 +178,7 @@ def _lre_file(path: Path, key: str, template_index: int) -> list[Prompt]:
     template = templates[template_index]
     if not isinstance(template, str) or template.count("{}") != 1:
         raise DataError(f"{path}: {key}[{template_index}] = {template!r} must contain one '{{}}'")
+    _check_unicode(template, str(path), f"{key}[{template_index}]")
     samples = data.get("samples")
     if not isinstance(samples, list):
         raise DataError(f"{path}: field 'samples' must be a list")
@@ -166,11 +191,11 @@ def _lre_file(path: Path, key: str, template_index: int) -> list[Prompt]:
             raise DataError(f"{where}: missing or empty field 'subject'")
         out.append(
             Prompt(
-                id=f"{path.stem}/{i}",
+                id=_id_value(f"{stem}/{i}", f"{where}: id"),
                 text=template.replace("{}", subject),
                 attribute=_optional_str(sample, "object", where),
                 subject=subject,
-                relation=path.stem,
+                relation=stem,
                 source="lre",
             )
         )
@@ -261,7 +286,7 @@ def check_lengths(prompts: Sequence[Prompt], token_counts: Sequence[int], max_le
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> str:
+def _read(path: Traversable) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
@@ -293,13 +318,34 @@ def _require_mapping(rec: Any, where: str) -> None:
 
 
 def _id_value(value: Any, where: str) -> PromptId:
+    """A prompt id the results store can write (checked here, before any prompt is run)."""
     if value is None:
         raise DataError(f"{where} is missing or null")
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise DataError(f"{where} must be an int or a string, got {value!r}")
-    if isinstance(value, str) and not value.strip():
-        raise DataError(f"{where} is an empty string")
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        raise DataError(f"{where} is {value}, beyond the int64 range of the prompt_id column")
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where} is an empty string")
+        _check_unicode(value, where, None)
+    try:
+        encode_prompt_id(value)
+    except ResultsError as err:
+        raise DataError(f"{where}: {err}") from err
     return value
+
+
+def _check_unicode(value: str, where: str, field: str | None) -> None:
+    """DataError for a string holding a lone surrogate (not writable as UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        what = f"field {field!r}" if field else "the value"
+        raise DataError(
+            f"{where}: {what} holds a lone surrogate {value[err.start]!r} at character "
+            f"{err.start}, not valid Unicode text ({value[:40]!r})"
+        ) from err
 
 
 def _text_value(rec: dict[str, Any], keys: tuple[str, ...], where: str) -> str:
@@ -314,12 +360,16 @@ def _text_value(rec: dict[str, Any], keys: tuple[str, ...], where: str) -> str:
         raise DataError(f"{where}: field {present[0]!r} must be a string, got {text!r}")
     if not text.strip():
         raise DataError(f"{where}: field {present[0]!r} is empty or whitespace only")
+    _check_unicode(text, where, present[0])
     return text
 
 
 def _optional_str(rec: dict[str, Any], key: str, where: str) -> str | None:
     value = rec.get(key)
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        _check_unicode(value, where, key)
         return value
     raise DataError(f"{where}: field {key!r} must be a string or null, got {value!r}")
 

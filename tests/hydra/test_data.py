@@ -1,9 +1,15 @@
 """Prompt loaders: known_1000, LRE, user files, specs, and the DataErrors for bad input."""
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
+import causalnet
 from causalnet.errors import CausalNetError, DataError
 from causalnet.hydra.data import (
     DEFAULT_LRE_ROOT,
@@ -14,10 +20,6 @@ from causalnet.hydra.data import (
     load_prompt_file,
     load_prompts,
     lre_relations,
-)
-
-needs_lre = pytest.mark.skipif(
-    not DEFAULT_LRE_ROOT.is_dir(), reason="../shared/data/lre is not beside the checkout"
 )
 
 
@@ -39,10 +41,9 @@ def test_known_1000_has_1209_unique_prompts_with_known_ids_and_attributes():
     assert all(p.subject in p.text for p in prompts)
 
 
-@needs_lre
 def test_lre_fills_the_first_template_with_each_subject():
     prompts = load_lre(relations=["city_in_country"])
-    data = json.loads((DEFAULT_LRE_ROOT / "factual" / "city_in_country.json").read_text())
+    data = json.loads(DEFAULT_LRE_ROOT.joinpath("factual", "city_in_country.json").read_text())
     assert len(prompts) == len(data["samples"])
     p = prompts[1]
     assert p.id == "city_in_country/1"
@@ -51,7 +52,6 @@ def test_lre_fills_the_first_template_with_each_subject():
     assert (p.relation, p.source) == ("city_in_country", "lre")
 
 
-@needs_lre
 def test_lre_template_choice_zero_shot_and_group_qualified_names():
     second = load_lre(relations=["factual/city_in_country"], template_index=1)
     assert second[0].text == "New York City is in the country of"
@@ -61,7 +61,6 @@ def test_lre_template_choice_zero_shot_and_group_qualified_names():
         load_lre(relations=["city_in_country"], template_index=5)
 
 
-@needs_lre
 def test_all_47_lre_relations_load_with_unique_ids():
     assert len(lre_relations()) == 47
     prompts = load_prompts("lre")
@@ -69,7 +68,6 @@ def test_all_47_lre_relations_load_with_unique_ids():
     assert len({p.id for p in prompts}) == len(prompts)
 
 
-@needs_lre
 def test_lre_specs_and_unknown_relation():
     two = load_prompts("lre:city_in_country, adj_antonym")
     assert {p.relation for p in two} == {"city_in_country", "adj_antonym"}
@@ -142,6 +140,39 @@ def test_jsonl_file_defaults_ids_to_record_index_and_skips_blank_lines(tmp_path)
         ("rec.jsonl", '{"prompt": "a"}\n[1, 2]\n', r"rec\.jsonl line 2: expected a JSON object"),
         ("attr.json", '[{"prompt": "a", "attribute": 5}]', r"field 'attribute' must be"),
         ("two.json", '[{"prompt": "a", "text": "b"}]', r"two\.json record 0.*disagree"),
+        ("bool.json", '[{"id": true, "prompt": "a"}]', r"field 'id' must be an int.*True"),
+        ("dups.json", '[{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}]', "duplicate"),
+        (
+            "big.json",
+            '[{"id": 1, "prompt": "a"}, {"id": 9223372036854775808, "prompt": "b"}]',
+            r"big\.json record 1: field 'id' is 9223372036854775808, beyond the int64 range",
+        ),
+        (
+            "small.jsonl",
+            '{"id": -9223372036854775809, "prompt": "b"}',
+            r"small\.jsonl line 1: field 'id' is -9223372036854775809, beyond the int64",
+        ),
+        (
+            "sid.json",
+            '[{"id": "ok", "prompt": "a"}, {"id": "x\\ud800", "prompt": "b"}]',
+            r"sid\.json record 1: field 'id': the value holds a lone surrogate '\\ud800'",
+        ),
+        (
+            "stext.jsonl",
+            '{"id": "ok", "prompt": "a"}\n{"id": "b", "prompt": "Paris \\udc80 is"}\n',
+            r"stext\.jsonl line 2 \(id 'b'\): field 'prompt' holds a lone surrogate '\\udc80' at "
+            "character 6",
+        ),
+        (
+            "sattr.json",
+            '[{"prompt": "a", "attribute": "\\udfff"}]',
+            r"record 0 \(id 0\): field 'attribute' holds a lone surrogate",
+        ),
+        (
+            "long.json",
+            json.dumps([{"id": "x" * 200, "prompt": "a"}]),
+            r"long\.json record 0: field 'id': prompt id 'xxx.* too long for a shard file name",
+        ),
     ],
 )
 def test_malformed_files_raise_data_error_naming_file_and_record(tmp_path, name, content, message):
@@ -168,3 +199,87 @@ def test_check_lengths_names_the_offending_prompt():
         check_lengths(prompts, [3, 4, 0, 5], max_len=8)
     with pytest.raises(DataError, match="4 prompts but 3 token counts"):
         check_lengths(prompts, [1, 2, 3], max_len=8)
+
+
+def test_ids_at_the_int64_bounds_load(tmp_path):
+    path = tmp_path / "bounds.json"
+    path.write_text(json.dumps([{"id": 2**63 - 1, "prompt": "a"}, {"id": -(2**63), "prompt": "b"}]))
+    assert [p.id for p in load_prompt_file(path)] == [2**63 - 1, -(2**63)]
+
+
+def test_a_bad_id_in_the_last_record_fails_the_sweep_before_anything_is_written(tmp_path):
+    """The loader checks every record, so a sweep never starts (nor opens its folder) on a set
+    whose late prompt cannot be stored."""
+    from causalnet.hydra.sweep import SweepConfig, run_sweep
+    from tiny_lm import save_tiny_llama
+
+    path = tmp_path / "p.jsonl"
+    lines = [json.dumps({"id": i, "prompt": f"prompt number {i} is"}) for i in range(5)]
+    path.write_text("\n".join(lines + ['{"id": 18446744073709551616, "prompt": "x"}']) + "\n")
+    model = save_tiny_llama(tmp_path / "model")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"p\.jsonl line 6: field 'id' .* beyond the int64"):
+        run_sweep(SweepConfig(model=str(model), prompts=str(path), k=2), out, progress=False)
+    assert not out.exists()
+
+
+def test_the_lre_relations_are_package_data_not_a_folder_beside_the_checkout(monkeypatch):
+    package = Path(causalnet.__file__).resolve().parent
+    files = lre_relations()
+    assert len(files) == 47
+    for f in files.values():
+        assert Path(str(f)).resolve().is_relative_to(package / "data" / "lre")
+    assert (package / "data" / "LICENSE-lre").read_text().startswith("MIT License")
+    # nothing outside the package is consulted: hide every path outside it from the loader
+    real_is_dir = Path.is_dir
+    monkeypatch.setattr(
+        Path,
+        "is_dir",
+        lambda self: self.resolve().is_relative_to(package) and real_is_dir(self),
+    )
+    assert len(load_prompts("lre:city_in_country,adj_antonym")) > 0
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_carries_the_bundled_prompt_sets(tmp_path):
+    """Build the wheel from a copy of the sources (pyproject's package-data globs), unpack it
+    away from the checkout, and load both bundled prompt sets from it."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, src / name)
+    for folder in ("causalnet", "adapters"):
+        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+        + ["-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(wheels.glob("*.whl"))) as whl:
+        names = whl.namelist()
+        whl.extractall(site)
+    assert sum(n.startswith("causalnet/data/lre/") and n.endswith(".json") for n in names) == 47
+    assert {"causalnet/data/LICENSE-lre", "causalnet/data/known_1000.json"} <= set(names)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import causalnet; "
+        "assert causalnet.__file__.startswith(sys.argv[1]), causalnet.__file__; "
+        "from causalnet.hydra.data import load_prompts; "
+        "print(len(load_prompts('lre')), len(load_prompts('known_1000')))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(site)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["11089", "1209"]
