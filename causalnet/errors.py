@@ -47,6 +47,12 @@ class NonFiniteError(CausalNetError):
     """A computed value contains NaN or inf."""
 
 
+class MechanismError(CausalNetError):
+    """A node's mechanism that cannot take its parents (wrong number of arguments, found when
+    the node is added) or that raised while the model ran; names the node and chains the
+    original exception (``__cause__``)."""
+
+
 class ModelError(CausalNetError):
     """A model that cannot be adapted or loaded."""
 

@@ -26,6 +26,7 @@ effects -- are plain functions in :mod:`causalnet.effects`; graph queries and dr
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -36,11 +37,13 @@ import torch
 from torch import Tensor
 
 from causalnet.errors import (
+    CausalNetError,
     ContextError,
     CycleError,
     DuplicateNodeError,
     GraphError,
     InterventionError,
+    MechanismError,
     NonFiniteError,
     ShapeError,
     UnknownNodeError,
@@ -91,7 +94,9 @@ class SCM:
         ``fn`` receives the parents' values positionally, in ``parents`` order, and must return a
         tensor with the same batch size. Parents may be declared before or after the node; the
         whole graph is checked (every parent exists, no cycle) when the model is run. A node
-        listing itself as a parent is a :class:`CycleError` at once.
+        listing itself as a parent is a :class:`CycleError` at once; a mechanism whose signature
+        cannot take ``len(parents)`` positional arguments is a :class:`MechanismError` at once
+        (checked with :func:`inspect.signature` where Python can read one).
         """
         if isinstance(parents, str):
             raise GraphError(f"parents of node {name!r} must be a list of names, not a string")
@@ -104,6 +109,7 @@ class SCM:
                 raise GraphError(f"parent {p!r} of node {name!r} is not a string")
         if not callable(fn):
             raise GraphError(f"mechanism of node {name!r} is not callable: {fn!r}")
+        _check_arity(name, parents, fn)
         self._structure.add_node(name, kind=_ENDOGENOUS)
         self._parents[name] = parents
         self._fns[name] = fn
@@ -286,9 +292,18 @@ class SCM:
             args = [values[p] for p in self._parents[name]]
             try:
                 out = self._fns[name](*args)
-            except Exception as e:
+            except CausalNetError as e:  # already one of ours (a nested model, an intervention)
                 e.add_note(f"(raised by the mechanism of node {name!r})")
                 raise
+            except Exception as e:
+                inputs = ", ".join(
+                    f"{p}: {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
+                    for p, a in zip(self._parents[name], args, strict=True)
+                )
+                raise MechanismError(
+                    f"the mechanism of node {name!r} raised {type(e).__name__}: {e} "
+                    f"(its parents' shapes: {inputs or 'no parents'})"
+                ) from e
             batch = _check_output(name, out, batch)
             if name in interventions:
                 out = _apply_do(name, interventions[name], out)
@@ -413,6 +428,21 @@ class SCM:
         from causalnet.graph import draw
 
         return draw(self, do=do, ax=ax)
+
+
+def _check_arity(name: str, parents: tuple[str, ...], fn: Mechanism) -> None:
+    """MechanismError unless ``fn`` can be called with one positional argument per parent."""
+    try:  # a module's __call__ takes anything: its forward's signature is the one to check
+        signature = inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn)
+    except (TypeError, ValueError):  # no readable signature (some builtins): checked when run
+        return
+    try:
+        signature.bind(*parents)
+    except TypeError as err:
+        raise MechanismError(
+            f"the mechanism of node {name!r} cannot take its {len(parents)} parent(s) "
+            f"{list(parents)} as positional arguments: its signature is {signature} ({err})"
+        ) from err
 
 
 def _check_output(name: str, out: Any, batch: int | None) -> int:

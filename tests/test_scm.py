@@ -15,6 +15,7 @@ from causalnet.errors import (
     DuplicateNodeError,
     GraphError,
     InterventionError,
+    MechanismError,
     NonFiniteError,
     ShapeError,
     UnknownNodeError,
@@ -217,6 +218,7 @@ def test_every_error_is_a_causalnet_error() -> None:
         ContextError,
         ShapeError,
         NonFiniteError,
+        MechanismError,
     ):
         assert issubclass(cls, CausalNetError)
 
@@ -396,13 +398,73 @@ def test_non_finite_context_is_an_error_naming_the_input() -> None:
         chain().run({"u": torch.tensor([0.0, float("nan")])})
 
 
-def test_exception_inside_a_mechanism_names_the_node() -> None:
+def test_exception_inside_a_mechanism_is_a_mechanism_error_naming_the_node() -> None:
     scm = SCM()
     scm.add_exogenous("u")
-    scm.add_node("boom", ["u"], lambda u: u @ u @ u)
-    with pytest.raises(RuntimeError) as err:
+    scm.add_node("boom", ["u"], lambda u: u @ u @ u)  # 1-D @ 1-D is a scalar; then @ fails
+    with pytest.raises(MechanismError, match=r"node 'boom' raised RuntimeError") as err:
         scm.run({"u": U})
-    assert any("'boom'" in note for note in getattr(err.value, "__notes__", []))
+    assert "u: (3,)" in str(err.value)  # the parents' shapes, to see what it was given
+    assert isinstance(err.value.__cause__, RuntimeError)  # the original, chained
+
+
+def test_a_causalnet_error_inside_a_mechanism_keeps_its_type_and_gains_the_node() -> None:
+    def nested(u: torch.Tensor) -> torch.Tensor:
+        raise ShapeError("inner shape problem")
+
+    scm = SCM()
+    scm.add_exogenous("u")
+    scm.add_node("outer", ["u"], nested)
+    with pytest.raises(ShapeError, match="inner shape problem") as err:
+        scm.run({"u": U})
+    assert any("'outer'" in note for note in getattr(err.value, "__notes__", []))
+
+
+@pytest.mark.parametrize(
+    ("parents", "fn"),
+    [
+        (["u", "v"], lambda u: u),  # one argument, two parents
+        (["u"], lambda u, v: u + v),  # two required arguments, one parent
+        ([], lambda u: u),  # an argument, no parents
+        (["u"], lambda u, *, scale: u * scale),  # a required keyword-only argument
+        (["u", "v"], torch.nn.Linear(3, 3)),  # a module's forward takes one input
+    ],
+    ids=["too-few-params", "too-many-params", "no-parents", "keyword-only", "module-forward"],
+)
+def test_a_mechanism_of_the_wrong_arity_is_refused_when_added_naming_the_node(parents, fn):
+    scm = SCM()
+    scm.add_exogenous("u")
+    scm.add_exogenous("v")
+    with pytest.raises(MechanismError, match=r"node 'y' cannot take its \d parent") as err:
+        scm.add_node("y", parents, fn)
+    assert isinstance(err.value.__cause__, TypeError)
+    assert "y" not in scm  # nothing half-declared: the name is still free
+    scm.add_node("y", ["u"], lambda u: u)
+
+
+def test_mechanisms_that_fit_their_parents_are_accepted() -> None:
+    from functools import partial
+
+    scm = SCM()
+    scm.add_exogenous("u")
+    scm.add_exogenous("v")
+    scm.add_node("star", ["u", "v"], lambda *xs: sum(xs))
+    scm.add_node("default", ["u"], lambda u, v=None: u)
+    scm.add_node("part", ["u"], partial(torch.mul, other=2.0))
+    scm.add_node("builtin", ["u"], torch.tanh)  # no signature to read: checked when run
+    scm.add_node("lin", ["u"], torch.nn.Linear(3, 3).double())
+    values = scm.run({"u": torch.ones(2, 3, dtype=torch.float64), "v": torch.ones(2, 3)})
+    assert torch.equal(values["star"], torch.full((2, 3), 2.0, dtype=torch.float64))
+    assert torch.equal(values["part"], torch.full((2, 3), 2.0, dtype=torch.float64))
+
+
+def test_a_builtin_of_the_wrong_arity_is_a_mechanism_error_when_run() -> None:
+    scm = SCM()
+    scm.add_exogenous("u")
+    scm.add_exogenous("v")
+    scm.add_node("t", ["u", "v"], torch.tanh)  # no readable signature: accepted when added
+    with pytest.raises(MechanismError, match=r"node 't' raised TypeError"):
+        scm.run({"u": U, "v": U})
 
 
 @pytest.mark.parametrize(
