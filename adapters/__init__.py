@@ -9,7 +9,9 @@ Usage::
     run = adapter.patch(clean, ["attn.18"], values)      # do(attn.18 = v), values [1, P, d]
 
 :func:`adapt` wraps a model object you already have; :func:`load` also reads a local Hugging Face
-folder. The family is picked from ``model.config.model_type`` (:data:`SUPPORTED_FAMILIES`).
+folder. The family is picked from ``model.config.model_type`` (:data:`SUPPORTED_FAMILIES`); any
+other decoder is discovered and verified (:mod:`causalnet.adapters.discover`,
+:mod:`causalnet.adapters.verify`) and runs on :class:`causalnet.adapters.generic.GenericAdapter`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from .base import (
     Granularity,
     HookPoints,
     PatchedRun,
+    ResidualAdapter,
     TransformerAdapter,
 )
+from .discover import Declaration, Decomposition
 
 # model_type -> (adapter module, adapter class, what it covers)
 _FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -50,21 +54,35 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
 SUPPORTED_FAMILIES: dict[str, str] = {k: v[2] for k, v in _FAMILIES.items()}
 
 
-def adapt(model: nn.Module, tokenizer: Any = None) -> TransformerAdapter:
-    """Wrap a Hugging Face causal LM (weights by reference) in its family's adapter.
+def adapt(
+    model: nn.Module,
+    tokenizer: Any = None,
+    declare: Declaration | None = None,
+    generic: bool = False,
+) -> ResidualAdapter:
+    """Wrap a causal LM (weights by reference) in an adapter; the model is put in eval mode.
 
-    Picks the family from ``model.config.model_type``; raises UnsupportedModelError listing
-    the supported families otherwise. The model is put in eval mode.
+    A ``model.config.model_type`` with a hand-written family (:data:`SUPPORTED_FAMILIES`) gets
+    that family's adapter (the fast patch engine). Any other decoder -- or any model with
+    ``generic=True``, or one whose parts are named by ``declare`` (a :class:`Declaration`, for
+    a model that is not a transformers model) -- gets a :class:`GenericAdapter`: its residual
+    stream is discovered from the model itself and verified numerically on a probe before use;
+    UnsupportedModelError names the block and the identity that failed otherwise.
     """
     import importlib
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _FAMILIES:
-        listed = ", ".join(f"{k!r} ({v})" for k, v in SUPPORTED_FAMILIES.items())
-        raise UnsupportedModelError(
-            f"no adapter for {type(model).__name__} with model_type={model_type!r}; "
-            f"supported model_type values: {listed}"
-        )
+    if model_type not in _FAMILIES or generic or declare is not None:
+        from .generic import GenericAdapter
+
+        try:
+            return GenericAdapter(model, tokenizer, declare=declare)
+        except UnsupportedModelError as err:
+            listed = ", ".join(f"{k!r} ({v})" for k, v in SUPPORTED_FAMILIES.items())
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type={model_type!r}) could not be adapted: "
+                f"{err}. Hand-written families: {listed}"
+            ) from err
     module_name, class_name, _ = _FAMILIES[model_type]
     module = importlib.import_module(f".{module_name}", __name__)
     adapter = getattr(module, class_name)(model, tokenizer)
@@ -93,7 +111,10 @@ __all__ = [
     "Granularity",
     "HookPoints",
     "PatchedRun",
+    "ResidualAdapter",
     "TransformerAdapter",
+    "Declaration",
+    "Decomposition",
     "adapt",
     "load",
 ]

@@ -201,85 +201,52 @@ class PatchedRun:
     total_effect: Tensor  # [S, P]
 
 
-class TransformerAdapter(ABC):
-    """A Hugging Face causal LM seen as a residual stream of sites.
+class ResidualAdapter(ABC):
+    """What every adapter offers the Hydra sweep: a decoder's residual stream as sites.
 
-    Subclasses implement the block methods below; shapes use ``...`` for any leading batch dims.
+    Two kinds subclass it: :class:`TransformerAdapter` (the hand-written families, with block
+    methods and the fast patch engine) and :class:`causalnet.adapters.generic.GenericAdapter`
+    (any decoder, its parts discovered and verified numerically, patched by hooked
+    re-forwards). Both give :class:`CleanRun` and :class:`PatchedRun` records with the same
+    meaning; this base holds the site names, the tokens and the checks they share.
     """
 
     arch: Architecture
-    model: nn.Module  # the wrapped Hugging Face model (weights by reference)
-    attn_scale: float  # softmax(q . k * attn_scale)
-
-    # ---- the family's blocks -------------------------------------------------------------
-    @abstractmethod
-    def embed(self, tokens: Tensor) -> Tensor:
-        """Token (+ learned position) embedding: [B, T] int64 -> [B, T, d]."""
+    model: nn.Module  # the wrapped model (weights by reference)
+    tokenizer: Any = None
 
     @abstractmethod
-    def qkv(self, layer: int, resid: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Attention inputs from the residual (the block's input norm applied inside).
+    def clean_runs(
+        self,
+        prompts: list[Tensor | str],
+        granularity: Granularity = "layer",
+        positions: list[int] | None = None,
+    ) -> list[CleanRun]:
+        """One :class:`CleanRun` per prompt, read out at its position (default: the last)."""
 
-        resid [..., T, d], positions [T] int64 -> q [..., T, H, dh], k and v [..., T, Hkv, dh],
-        rotary embedding already applied to q and k.
+    @abstractmethod
+    def final_values(
+        self, prompts: list[Tensor], granularity: Granularity = "layer", batch_tokens: int = 1024
+    ) -> Tensor:
+        """Every readout site's value at each prompt's last token: [n_prompts, R, d]."""
+
+    @abstractmethod
+    def patch(self, clean: CleanRun, sites: list[str], values: Tensor) -> PatchedRun:
+        """do(site_s = values[s, p]) at the clean run's position, one run per (s, p)."""
+
+    # ---- the clean run -----------------------------------------------------------------------
+    def clean_run(
+        self, tokens: Tensor | str, granularity: Granularity = "layer", position: int = -1
+    ) -> CleanRun:
+        """The prompt's clean run, read out at ``position`` t (default: the last token).
+
+        target i = argmax_j pi_t[j] (Eq 10); w_i, const_i = :meth:`readout` (Eqs 9, 24);
+        ``direct_effects`` = site_values @ w_i / sigma with sigma = sigma(z^L_t) frozen at the
+        clean run (Delta_unembed, Eq 10); ``centred_logit`` = pi_t[i] - mean_j pi_t[j] (Eq 9).
+        Only tokens[: t + 1] matter (causal masking); the rest of the prompt is kept in
+        ``tokens`` but not run. ``tokens`` may be a string (then :meth:`encode` is used).
         """
-
-    @abstractmethod
-    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
-        """Per-head contributions through the output projection: [..., H, dh] -> [..., H, d].
-
-        An output-projection bias (GPT-2, GPT-NeoX) is split equally over the heads, so the
-        heads of a layer sum exactly to the layer's attention output.
-        """
-
-    def attn_output(self, layer: int, z: Tensor) -> Tensor:
-        """The layer's attention output [..., H, dh] -> [..., d] (a family may fuse this)."""
-        return self.head_outputs(layer, z).sum(-2)
-
-    @abstractmethod
-    def mlp(self, layer: int, resid: Tensor) -> Tensor:
-        """The MLP's contribution from the residual it reads (its input norm inside): [..., d]."""
-
-    @abstractmethod
-    def final_scale(self, resid: Tensor) -> Tensor:
-        """The final norm's scale sigma exactly as the model computes it: [..., d] -> [...]."""
-
-    @abstractmethod
-    def logits(self, resid: Tensor) -> Tensor:
-        """Final norm + unembedding, as the model computes them: [..., d] -> [..., V]."""
-
-    @abstractmethod
-    def readout(self, token: int) -> tuple[Tensor, float]:
-        """Centred readout direction w_i [d] and constant const_i (see the module docstring)."""
-
-    # ---- hooks for the naive oracle (each family implements these) --------------------------
-    def hook_points(self, layer: int) -> HookPoints:
-        """The Hugging Face modules of layer ``layer`` that :mod:`causalnet.adapters.naive`
-        hooks (see :class:`HookPoints` for what each module's input/output must be).
-
-        Every family overrides this; e.g. Llama returns ``(layers[l], layers[l].self_attn,
-        layers[l].mlp, layers[l].self_attn.o_proj)``.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not implement hook_points(layer)")
-
-    def final_norm_module(self) -> nn.Module:
-        """The final norm module; its input is the final residual z^L (for the naive oracle)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement final_norm_module()")
-
-    # ---- optional family switches -----------------------------------------------------------
-    def attention_window(self, layer: int) -> int | None:
-        """Sliding-window size of layer ``layer`` (a key at position s is visible from query
-        position t iff s <= t and t - s < window), or None for full causal attention."""
-        return None
-
-    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
-        """The model's centred logit of ``token`` (Eq 9) from final residuals [..., d] -> [...],
-        without the full vocabulary projection: ``(z . w_i) / sigma(z) + const_i`` (Eq 24).
-
-        A family may override this to follow the model's own floating-point path exactly.
-        """
-        w, const = self.readout(token)
-        return (resid @ w) / self.final_scale(resid) + const
+        return self.clean_runs([tokens], granularity, [position])[0]
 
     # ---- sites -------------------------------------------------------------------------------
     @property
@@ -388,6 +355,87 @@ class TransformerAdapter(ABC):
                 f"token id {int(t[bad][0])} is outside the vocabulary [0, {self.arch.vocab_size})"
             )
         return t
+
+
+class TransformerAdapter(ResidualAdapter):
+    """A Hugging Face causal LM seen as a residual stream of sites.
+
+    Subclasses implement the block methods below; shapes use ``...`` for any leading batch dims.
+    """
+
+    arch: Architecture
+    model: nn.Module  # the wrapped Hugging Face model (weights by reference)
+    attn_scale: float  # softmax(q . k * attn_scale)
+
+    # ---- the family's blocks -------------------------------------------------------------
+    @abstractmethod
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token (+ learned position) embedding: [B, T] int64 -> [B, T, d]."""
+
+    @abstractmethod
+    def qkv(self, layer: int, resid: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Attention inputs from the residual (the block's input norm applied inside).
+
+        resid [..., T, d], positions [T] int64 -> q [..., T, H, dh], k and v [..., T, Hkv, dh],
+        rotary embedding already applied to q and k.
+        """
+
+    @abstractmethod
+    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
+        """Per-head contributions through the output projection: [..., H, dh] -> [..., H, d].
+
+        An output-projection bias (GPT-2, GPT-NeoX) is split equally over the heads, so the
+        heads of a layer sum exactly to the layer's attention output.
+        """
+
+    def attn_output(self, layer: int, z: Tensor) -> Tensor:
+        """The layer's attention output [..., H, dh] -> [..., d] (a family may fuse this)."""
+        return self.head_outputs(layer, z).sum(-2)
+
+    @abstractmethod
+    def mlp(self, layer: int, resid: Tensor) -> Tensor:
+        """The MLP's contribution from the residual it reads (its input norm inside): [..., d]."""
+
+    @abstractmethod
+    def final_scale(self, resid: Tensor) -> Tensor:
+        """The final norm's scale sigma exactly as the model computes it: [..., d] -> [...]."""
+
+    @abstractmethod
+    def logits(self, resid: Tensor) -> Tensor:
+        """Final norm + unembedding, as the model computes them: [..., d] -> [..., V]."""
+
+    @abstractmethod
+    def readout(self, token: int) -> tuple[Tensor, float]:
+        """Centred readout direction w_i [d] and constant const_i (see the module docstring)."""
+
+    # ---- hooks for the naive oracle (each family implements these) --------------------------
+    def hook_points(self, layer: int) -> HookPoints:
+        """The Hugging Face modules of layer ``layer`` that :mod:`causalnet.adapters.naive`
+        hooks (see :class:`HookPoints` for what each module's input/output must be).
+
+        Every family overrides this; e.g. Llama returns ``(layers[l], layers[l].self_attn,
+        layers[l].mlp, layers[l].self_attn.o_proj)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement hook_points(layer)")
+
+    def final_norm_module(self) -> nn.Module:
+        """The final norm module; its input is the final residual z^L (for the naive oracle)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement final_norm_module()")
+
+    # ---- optional family switches -----------------------------------------------------------
+    def attention_window(self, layer: int) -> int | None:
+        """Sliding-window size of layer ``layer`` (a key at position s is visible from query
+        position t iff s <= t and t - s < window), or None for full causal attention."""
+        return None
+
+    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
+        """The model's centred logit of ``token`` (Eq 9) from final residuals [..., d] -> [...],
+        without the full vocabulary projection: ``(z . w_i) / sigma(z) + const_i`` (Eq 24).
+
+        A family may override this to follow the model's own floating-point path exactly.
+        """
+        w, const = self.readout(token)
+        return (resid @ w) / self.final_scale(resid) + const
 
     # ---- the forward pass, step by step ------------------------------------------------------
     def attend(
@@ -514,20 +562,6 @@ class TransformerAdapter(ABC):
             resid_pre=pre_cache if cache else None,
             resid_mid=mid_cache if cache else None,
         )
-
-    # ---- the clean run -----------------------------------------------------------------------
-    def clean_run(
-        self, tokens: Tensor | str, granularity: Granularity = "layer", position: int = -1
-    ) -> CleanRun:
-        """The prompt's clean run, read out at ``position`` t (default: the last token).
-
-        target i = argmax_j pi_t[j] (Eq 10); w_i, const_i = :meth:`readout` (Eqs 9, 24);
-        ``direct_effects`` = site_values @ w_i / sigma with sigma = sigma(z^L_t) frozen at the
-        clean run (Delta_unembed, Eq 10); ``centred_logit`` = pi_t[i] - mean_j pi_t[j] (Eq 9).
-        Only tokens[: t + 1] matter (causal masking); the rest of the prompt is kept in
-        ``tokens`` but not run. ``tokens`` may be a string (then :meth:`encode` is used).
-        """
-        return self.clean_runs([tokens], granularity, [position])[0]
 
     def clean_runs(
         self,

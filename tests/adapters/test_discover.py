@@ -1,0 +1,233 @@
+"""Any decoder without a hand-written adapter: discovery, verification and patching (issue 10).
+
+Oracles: the model's own logits (clean runs, readouts), the one-forward-per-patch oracle of
+:func:`causalnet.adapters.verify.check_patching` and, where a hand-written family applies,
+that family's adapter (block methods and fast patch engine: independent code). Tolerances:
+1e-5 relative in float32 / 1e-10 in float64 for the identities, 1e-4 / 1e-9 for patching.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from causalnet.adapters import adapt
+from causalnet.adapters.generic import GenericAdapter
+from causalnet.adapters.naive import naive_patch, naive_readout
+from causalnet.adapters.verify import check_patching
+from causalnet.errors import ModelError, UnsupportedModelError
+
+
+def _base(**kw: object) -> dict:
+    cfg = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+# name -> (config class, model class, config kwargs, parallel residual, norm form, heads)
+GENERIC = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _base(), False, "rms", True),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        _base(num_local_experts=4, num_experts_per_tok=2),
+        False,
+        "rms",
+        True,
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _base(pad_token_id=0), False, "rms", True),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _base(), False, "rms", False),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _base(head_dim=8), False, "rms", False),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        _base(residual_multiplier=0.5, logits_scaling=4.0, embedding_multiplier=3.0),
+        False,
+        "rms",
+        True,
+    ),
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        dict(n_layer=2, n_head=4, hidden_size=32, vocab_size=64),
+        False,
+        "layer",
+        True,
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64),
+        False,
+        "layer",
+        True,
+    ),
+    "neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        _base(use_parallel_residual=True),
+        True,
+        "layer",
+        True,
+    ),
+}
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+CASES = [(n, d) for n in GENERIC for d in DTYPES if not (n == "mixtral" and d == "f64")]
+TOKENS = torch.tensor([3, 5, 7, 11, 13, 2, 1, 9])
+
+
+def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    cfg_cls, model_cls, kwargs, *_ = GENERIC[name]
+    torch.manual_seed(seed)
+    model = getattr(T, model_cls)(getattr(T, cfg_cls)(**kwargs))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # norm gains away from their init, so the forms are told apart
+        for pname, p in model.named_parameters():
+            if p.ndim == 1 and pname.endswith("weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval().to(dtype)
+
+
+@pytest.fixture(params=CASES, ids=[f"{n}-{d}" for n, d in CASES])
+def generic(request: pytest.FixtureRequest) -> tuple[str, GenericAdapter]:
+    name, d = request.param
+    return name, adapt(build(name, DTYPES[d]), generic=True)
+
+
+def test_discovery_finds_the_parts_the_residual_kind_and_the_norm(generic):
+    name, adapter = generic
+    _, _, _, parallel, form, heads = GENERIC[name]
+    parts = adapter.parts
+    assert parts.parallel_residual is parallel
+    assert parts.final_norm.form == form
+    assert (adapter.head_refusal is None) is heads
+    assert len(parts.blocks) == 2
+    if name == "granite":
+        assert parts.alpha == parts.beta == [0.5, 0.5]
+        assert parts.readout.logit_scale == pytest.approx(0.25)
+    if name == "gemma2":
+        assert parts.readout.softcap == 30.0
+        assert parts.final_norm.gain_source == "1 + weight"
+        assert parts.attn_names[0].endswith("post_attention_layernorm")
+    v = adapter.verification
+    assert max(v.blocks) <= v.tolerance and v.eq21 <= v.tolerance
+    assert v.logits <= v.readout_tolerance and v.readout <= v.readout_tolerance
+
+
+def test_clean_run_reads_out_the_models_own_logits(generic):
+    name, adapter = generic
+    tol = 1e-5 if adapter.dtype == torch.float32 else 1e-6
+    with torch.no_grad():
+        logits = adapter.model(input_ids=TOKENS[None], use_cache=False).logits[0, -1].double()
+    clean = adapter.clean_run(TOKENS)
+    assert clean.target == int(torch.argmax(logits))
+    cap = adapter.parts.readout.softcap
+    pre_cap = logits if cap is None else cap * torch.atanh(logits / cap)  # Gemma 2: before the cap
+    centred = float(pre_cap[clean.target] - pre_cap.mean())
+    assert abs(clean.centred_logit - centred) <= tol * max(1.0, abs(centred))
+    summed = float(clean.direct_effects.sum()) + clean.readout_const
+    assert abs(summed - centred) <= tol * max(1.0, abs(centred))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_patch_matches_one_hooked_forward_per_patch(generic, granularity):
+    name, adapter = generic
+    if granularity == "head" and adapter.head_refusal is not None:
+        with pytest.raises(ModelError, match="use granularity='layer'"):
+            adapter.clean_run(TOKENS, granularity)
+        return
+    err = check_patching(adapter, TOKENS, granularity, n_patches=2)
+    assert err <= (1e-4 if adapter.dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt2", "neox"])
+def test_patch_matches_the_naive_oracle_of_the_hand_written_families(name):
+    adapter = adapt(build(name), generic=True)
+    clean = adapter.clean_run(TOKENS, "head")
+    gen = torch.Generator().manual_seed(3)
+    for site in ["embed", "attn.0.h1", "mlp.0", "attn.1.h3", "mlp.1"]:
+        values = torch.randn(1, 3, adapter.arch.d_model, generator=gen)
+        run = adapter.patch(clean, [site], values)
+        naive = naive_patch(adapter, TOKENS, site, values[0], granularity="head")
+        centred, direct, sigma = naive_readout(adapter, naive, clean.target)
+        assert (run.centred_logit[0] - centred).abs().max() <= 1e-4, site
+        assert (run.direct_effects[0] - direct).abs().max() <= 1e-4, site
+        assert (run.sigma[0] - sigma).abs().max() <= 1e-5, site
+
+
+def test_patching_the_clean_values_reproduces_the_clean_run():
+    adapter = adapt(build("olmo2"), generic=True)
+    clean = adapter.clean_run(TOKENS)
+    values = clean.site_values[1:, None, :]
+    run = adapter.patch(clean, adapter.sites(), values)
+    assert run.total_effect.abs().max() <= 1e-5
+    assert (run.direct_effects - clean.direct_effects).abs().max() <= 1e-5
+
+
+def test_final_values_equal_the_clean_runs_site_values():
+    adapter = adapt(build("phi3"), generic=True)
+    prompts = [TOKENS[:5], TOKENS, TOKENS[2:]]
+    pool = adapter.final_values(prompts, "head")
+    for i, p in enumerate(prompts):
+        assert torch.allclose(pool[i], adapter.clean_run(p, "head").site_values, atol=1e-6)
+
+
+# ---- refusals ---------------------------------------------------------------------------------
+class _CappedBlock(torch.nn.Module):
+    """A block with a nonlinearity after its residual add: tanh(x + attn + mlp)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = block
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.inner(hidden_states, *args, **kwargs)
+        return torch.tanh(out[0] if isinstance(out, tuple) else out)
+
+
+def test_a_nonlinearity_after_the_residual_add_is_refused_naming_the_block():
+    model = build("qwen3")
+    model.model.layers[1] = _CappedBlock(model.model.layers[1])
+    with pytest.raises(UnsupportedModelError, match=r"block model\.layers\.1: .*nonlinearity"):
+        adapt(model)
+
+
+class _StdNorm(torch.nn.Module):
+    """A final norm of no supported form: g * x / (std(x) + eps)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d) + 0.1)
+
+    def forward(self, x):
+        return self.weight * x / (x.std(-1, keepdim=True) + 1e-2)
+
+
+def test_a_final_norm_of_unknown_form_is_refused_with_the_best_fit():
+    model = build("qwen3")
+    model.model.norm = _StdNorm(32)
+    with pytest.raises(UnsupportedModelError, match=r"final norm model\.norm .*no known form"):
+        adapt(model)
+
+
+def test_heads_are_refused_with_the_reason_when_a_norm_follows_the_attention():
+    adapter = adapt(build("gemma2"))
+    assert isinstance(adapter, GenericAdapter)  # no hand-written Gemma 2 family
+    assert "model.layers.0" in adapter.head_refusal
+    assert adapter.arch.sublayer_norms
+    with pytest.raises(ModelError, match="use granularity='layer'"):
+        adapter.sites("head")
+
+
+def test_a_module_that_is_not_a_transformers_model_needs_a_declaration():
+    with pytest.raises(UnsupportedModelError, match="Declaration"):
+        adapt(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)))
