@@ -1,9 +1,10 @@
 """The paper's figures from a results folder (Figures 1/3, 2, 7, 8), as PNG files.
 
 Matplotlib's object-oriented API with the Agg canvas (:class:`matplotlib.figure.Figure`, no
-pyplot), so importing this module never changes the global backend and works headless. Every
-axis is labelled; layers are numbered from 0 as in Hugging Face; effects are in centred logits
-of the target token (Eqs 9, 10).
+pyplot), so importing this module never changes the global backend and works headless. Each
+``plot_*(..., path)`` saves the figure its twin ``figure_*(...)`` returns (to show in a
+notebook, restyle, or inspect in tests). Every axis is labelled; layers are numbered from 0
+as in Hugging Face; effects are in centred logits of the target token (Eqs 9, 10).
 
 Head-granularity results: per-layer figures (2, 7, 8) treat attention heads as their own kind
 ``"head"`` in place of ``"attn"``: per-prompt curves show the mean over a layer's heads, and
@@ -153,11 +154,22 @@ def plot_prompt(
     ablated direct effects; faint red: each patch, when ``patches`` holds this prompt's
     per-patch rows); dashed line at the ablated layer. Attention and MLP panels. Returns path.
     """
+    return _save(figure_prompt(readouts, prompt_id, ablated_site, patches, title), path)
+
+
+def figure_prompt(
+    readouts: pd.DataFrame,
+    prompt_id: Any,
+    ablated_site: str,
+    patches: pd.DataFrame | None = None,
+    title: str | None = None,
+) -> Figure:
+    """:func:`plot_prompt`'s figure, not saved."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     _draw_prompt(axes, readouts, patches, prompt_id, ablated_site)
     fig.suptitle(title or f"prompt {prompt_id!r}: ablating {ablated_site}", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def plot_examples(
@@ -170,6 +182,16 @@ def plot_examples(
 ) -> Path:
     """Figure 3: :func:`plot_prompt`'s panels for several (prompt id, ablated site) examples,
     one row each. Returns path."""
+    return _save(figure_examples(readouts, examples, patches, titles), path)
+
+
+def figure_examples(
+    readouts: pd.DataFrame,
+    examples: Sequence[tuple[Any, str]],
+    patches: pd.DataFrame | None = None,
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """:func:`plot_examples`' figure, not saved."""
     if not examples:
         raise ResultsError("plot_examples needs at least one (prompt id, ablated site)")
     fig = Figure(figsize=(11, 3.2 * len(examples)), layout="constrained")
@@ -178,7 +200,7 @@ def plot_examples(
         _draw_prompt(axes[i], readouts, patches, pid, site)
         label = titles[i] if titles else f"prompt {pid!r}"
         axes[i][0].set_title(f"{label}: ablating {site}\nattention direct effects", fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 # ---- Figure 2: direct vs total effects --------------------------------------------------------
@@ -209,6 +231,11 @@ def plot_agreement(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     direct vs total effect over all layers and prompts; (d) per layer, the Pearson correlation
     of the two and the fraction of prompts with direct > total (:func:`per_layer_agreement`).
     Returns path."""
+    return _save(figure_agreement(effects), path)
+
+
+def figure_agreement(effects: pd.DataFrame) -> Figure:
+    """:func:`plot_agreement`'s figure, not saved."""
     kinds = _layer_kinds(effects)
     fig = Figure(figsize=(16, 8), layout="constrained")
     grid = fig.add_gridspec(2, 4)
@@ -274,7 +301,7 @@ def plot_agreement(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     ax.set_ylabel("Pearson r / fraction of prompts")
     ax.legend(fontsize=7)
     fig.suptitle(f"Direct vs total effects ({effects['prompt_id'].nunique()} prompts)")
-    return _save(fig, path)
+    return fig
 
 
 # ---- Figure 7: compensation ---------------------------------------------------------------
@@ -286,6 +313,11 @@ def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
     and the full-restoration line y = x; (c) as (a) for MLP ablations; (d) r^2 (solid blue) and
     slope (dashed black) of the regression per attention layer, red line at the peak layer
     (:func:`compensation_regression`). Returns path."""
+    return _save(figure_compensation(effects), path)
+
+
+def figure_compensation(effects: pd.DataFrame) -> Figure:
+    """:func:`plot_compensation`'s figure, not saved."""
     kinds = _layer_kinds(effects)
     attn = kinds[0] if kinds and kinds[0] != "mlp" else None
     reg = compensation_regression(effects)
@@ -316,7 +348,7 @@ def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
     if attn is None:
         _empty(ax_b, "(b) no attention sites ablated")
         _empty(ax_d, "(d) no attention sites ablated")
-        return _save(fig, path)
+        return fig
     areg = reg[reg["kind"] == attn]
     peak = peak_r2_layer(reg, attn)
     if peak is None:
@@ -356,7 +388,7 @@ def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
     _layer_axis(ax_d, "ablated layer")
     ax_d.set_ylabel("r$^2$ / slope (compensatory per direct effect)")
     ax_d.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
 # ---- Figure 8: attention vs MLP share of the compensation ----------------------------------
@@ -387,6 +419,11 @@ def plot_response_split(
     the compensatory effect split into its attention part (the Hydra effect) and its MLP part
     (less erasure) against the ablated layer's direct effect, with least-squares lines; last
     panel: the two parts' slopes per ablated layer (:func:`response_split`). Returns path."""
+    return _save(figure_response_split(effects, layers), path)
+
+
+def figure_response_split(effects: pd.DataFrame, layers: Sequence[int] | None = None) -> Figure:
+    """:func:`plot_response_split`'s figure, not saved."""
     kinds = _layer_kinds(effects)
     if not kinds:
         raise ResultsError("no attention or MLP sites in the effects table")
@@ -441,7 +478,7 @@ def plot_response_split(
     ax.legend(fontsize=7)
     for extra in axes[n_panels:]:
         extra.set_visible(False)
-    return _save(fig, path)
+    return fig
 
 
 # ---- everything -----------------------------------------------------------------------------
