@@ -65,5 +65,14 @@ class DataError(CausalNetError):
     """A data file or record that is malformed; the message names the file and the record."""
 
 
+class ConfigError(CausalNetError, ValueError):
+    """An argument or configuration field of the wrong type or out of range; names the field."""
+
+
+class DeviceError(ConfigError):
+    """A device that torch does not know, that cannot hold a model (``meta``), or that this
+    machine does not have (``cuda`` without CUDA, a GPU index beyond the count)."""
+
+
 class ResultsError(CausalNetError):
     """A results folder that cannot be written, read or resumed (e.g. different arguments)."""

@@ -36,12 +36,15 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CausalNetError
+
+if TYPE_CHECKING:
+    from ..adapters import TransformerAdapter
 
 #: The block methods that compute with one decoder layer's weights (first argument: the layer).
 LAYER_METHODS = ("qkv", "head_outputs", "attn_output", "mlp")
@@ -238,7 +241,7 @@ def _dispatched_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def dispatch_adapter(model_or_adapter: Any, tokenizer: Any = None) -> Any:
+def dispatch_adapter(model_or_adapter: Any, tokenizer: Any = None) -> TransformerAdapter:
     """The adapter of a model dispatched by accelerate (``device_map=...``), or of its adapter.
 
     Returns a new adapter (same model, weights by reference) whose block methods run each part on
@@ -356,7 +359,7 @@ def load_dispatched(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
     tokenizer: Any = None,
-) -> Any:
+) -> TransformerAdapter:
     """The adapter of a model loaded over several devices with transformers + accelerate.
 
     ``device_map="auto"`` uses :func:`auto_device_map` (GPUs, then CPU, then disk); a dict is
@@ -391,7 +394,7 @@ def load_dispatched(
     return adapter
 
 
-def load_for_config(model: str, dtype: str, device: str) -> Any:
+def load_for_config(model: str, dtype: str, device: str) -> TransformerAdapter:
     """The adapter a sweep uses: ``device="auto"`` loads over all devices
     (:func:`load_dispatched`), anything else is :func:`causalnet.adapters.load`."""
     from ..adapters import load

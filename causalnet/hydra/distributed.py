@@ -5,12 +5,13 @@ one process. The design:
 
 - The **driver** (the process that runs :func:`causalnet.hydra.sweep.run_sweep`) opens the one
   :class:`~causalnet.hydra.store.ResultsStore` (it alone holds the folder's lock and writes), plans
-  the sweep and builds the resample pool once (``pool.pt``, reused on resume).
+  the sweep and builds the ablation pool once (``pool.safetensors``, reused on resume).
+  :class:`RayExecutor` is one of the sweep's executors (:mod:`causalnet.hydra.executors`).
 - The plan -- prompts, tokens, sites and the pool -- is put into Ray's object store **once**
   (``ray.put``); the pool travels as a NumPy byte array, which Ray shares read-only (zero copy)
   between the workers of a node. Workers never recompute the pool.
 - Each **worker** is a Ray actor that loads the model once (:func:`causalnet.hydra.devices.
-  load_for_config`) and keeps it, then runs :func:`~causalnet.hydra.sweep.compute_prompt` for the
+  load_for_config`) and keeps it, then runs :func:`~causalnet.hydra.plan.compute_prompt` for the
   prompt indices it is sent and returns the rows. ``compute_prompt`` is pure and its random draws
   depend on (seed, prompt index) only, so a worker returns exactly what one process computes --
   bit for bit when that process runs torch on as many threads as a worker (float32 kernels may
@@ -47,14 +48,18 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import CausalNetError
-from .sweep import PromptRows, SweepConfig, SweepPlan, compute_prompt
+from .config import SweepConfig
+from .plan import PromptRows, SweepPlan, compute_prompt
+
+if TYPE_CHECKING:
+    from ..adapters import TransformerAdapter
 
 INSTALL_HINT = "pip install 'causalnet-scm[ray]'"
 
@@ -116,7 +121,7 @@ class SweepWorker:
         device = config.device
         if device.startswith("cuda"):
             device = "cuda"  # Ray gives this worker its GPU(s) as CUDA_VISIBLE_DEVICES
-        self.adapter = load_for_config(config.model, config.dtype, device)
+        self.adapter: TransformerAdapter = load_for_config(config.model, config.dtype, device)
         self._key: str | None = None
         self._packed: PackedPlan | None = None
         self.plan: SweepPlan | None = None
@@ -132,7 +137,7 @@ class SweepWorker:
         return self.plan
 
     def compute(self, plan_ref: list[Any], index: int, keep_patches: bool) -> PromptRows:
-        """The rows of prompt ``index`` (:func:`causalnet.hydra.sweep.compute_prompt`)."""
+        """The rows of prompt ``index`` (:func:`causalnet.hydra.plan.compute_prompt`)."""
         return compute_prompt(self.adapter, self._plan(plan_ref), index, keep_patches)
 
     def pid(self) -> int:
@@ -167,7 +172,8 @@ class RayProgress:
 
 @dataclass
 class RayExecutor:
-    """Runs a sweep's prompts on ``workers`` Ray actors (see the module docstring).
+    """Runs a sweep's prompts on ``workers`` Ray actors (see the module docstring); an
+    :class:`~causalnet.hydra.executors.Executor`.
 
     ``address``: an existing cluster (``"auto"``, ``"ray://host:10001"``, ...); None joins the
     Ray already initialised in this process or starts a local one (shut down afterwards).
@@ -183,7 +189,15 @@ class RayExecutor:
     on_result: Callable[[RayProgress], None] | None = None
     stats: RayProgress | None = field(default=None, init=False)
 
+    @property
+    def prompt_threads(self) -> int:
+        """Prompts side by side within one worker: 1 (each worker runs torch on
+        ``cpus_per_worker`` threads)."""
+        return 1
+
     def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int):
+            raise CausalNetError(f"workers must be an int, got {self.workers!r}")
         if self.workers < 1:
             raise CausalNetError(f"workers must be at least 1, got {self.workers}")
         if self.cpus_per_worker < 1 or self.in_flight < 1 or self.max_restarts < 0:

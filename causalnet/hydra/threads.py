@@ -1,74 +1,40 @@
-"""Prompts computed side by side in one process: N Python threads, one torch thread each.
+"""The thread executor: prompts computed side by side in one process, one torch thread each.
 
-Why: on a CPU the per-prompt work is ~1,000 tensor operations of modest size (matrix products of
-[rows <= 900, 576] activations with the layer weights, and small elementwise ones). With torch's
-default of one OpenMP team spanning every core, each operation is split across the cores and
-joined again; the joins cost little on an idle machine but a great deal on a shared one (a
-thread descheduled by another process stalls every join: measured here up to 3x slower per
-prompt than one thread). Computing different prompts on different cores, each single-threaded,
-has no joins at all, keeps every core busy through the small operations, and overlaps one
-prompt's bookkeeping (rows, writing) with another's arithmetic. Torch releases the GIL inside
-its operations, so Python threads suffice.
+Why threads, and why one torch thread each: :mod:`causalnet.hydra.parallel`.
 
-Results are unchanged: :func:`causalnet.hydra.sweep.compute_prompt` depends on the plan and the
+Results are unchanged: :func:`causalnet.hydra.plan.compute_prompt` depends on the plan and the
 prompt index only (its random draws are seeded by them), every prompt is computed with one torch
 thread whichever worker takes it, and the rows are written in prompt order by the calling thread.
 
-Used by :func:`causalnet.hydra.sweep.run_sweep` (and by its pool pass, for chunks of prompts)
-for plain adapters on the CPU when more than one torch thread is available
-(:func:`prompt_threads`); ``CAUSALNET_PROMPT_THREADS=1`` turns it off (one prompt at a time,
-torch's own threading), ``=N`` asks for N threads.
+:class:`ThreadExecutor` is what :func:`causalnet.hydra.sweep.run_sweep` uses for plain adapters
+on the CPU when more than one torch thread is available
+(:func:`~causalnet.hydra.parallel.prompt_threads`); ``CAUSALNET_PROMPT_THREADS=1`` turns it off
+(one prompt at a time, torch's own threading), ``=N`` asks for N threads.
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import CausalNetError
-from .sweep import PromptRows, SweepPlan, compute_prompt
+from .parallel import map_in_threads, prompt_threads
+from .plan import PromptRows, SweepPlan, compute_prompt
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def prompt_threads(adapter: Any, device: str) -> int:
-    """How many prompts to compute side by side: ``CAUSALNET_PROMPT_THREADS`` if set, else
-    torch's thread count for a plain adapter on the CPU, else 1.
-
-    Only plain adapters qualify: a model dispatched over devices
-    (:mod:`causalnet.hydra.devices`) moves weights in and out around each call, which is not
-    safe to do from two threads at once.
-    """
-    raw = os.environ.get("CAUSALNET_PROMPT_THREADS", "").strip()
-    if raw:
-        try:
-            n = int(raw)
-        except ValueError:
-            raise CausalNetError(
-                f"CAUSALNET_PROMPT_THREADS must be an integer, got {raw!r}"
-            ) from None
-        if n < 1:
-            raise CausalNetError(f"CAUSALNET_PROMPT_THREADS must be at least 1, got {n}")
-        return n
+if TYPE_CHECKING:
     from ..adapters import TransformerAdapter
 
-    plain = isinstance(adapter, TransformerAdapter) and type(adapter).__module__.startswith(
-        "causalnet.adapters"
-    )
-    if device != "cpu" or not plain or adapter.device.type != "cpu":
-        return 1
-    return max(1, torch.get_num_threads())
+__all__ = ["ThreadExecutor", "compute_in_threads", "map_in_threads", "prompt_threads"]
 
 
 def compute_in_threads(
-    adapter: Any,
+    adapter: TransformerAdapter,
     plan: SweepPlan,
     todo: list[int],
     write: Callable[[PromptRows], None],
@@ -116,16 +82,32 @@ def compute_in_threads(
         torch.set_num_threads(before)
 
 
-def map_in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:
-    """``map(fn, items)`` on ``threads`` worker threads with one torch thread each, results in
-    order (torch's thread count restored afterwards); plain ``map`` for one thread."""
-    if threads <= 1:
-        yield from map(fn, items)
-        return
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield from pool.map(fn, items)
-    finally:
-        torch.set_num_threads(before)
+@dataclass
+class ThreadExecutor:
+    """Prompts side by side on ``threads`` Python threads with ``adapter``
+    (:func:`compute_in_threads`); an :class:`~causalnet.hydra.executors.Executor`."""
+
+    adapter: TransformerAdapter
+    threads: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise CausalNetError(f"threads must be an int of at least 1, got {self.threads!r}")
+
+    @property
+    def workers(self) -> int:
+        return 1
+
+    @property
+    def prompt_threads(self) -> int:
+        return self.threads
+
+    def run(
+        self,
+        plan: SweepPlan,
+        todo: list[int],
+        write: Callable[[PromptRows], None],
+        figure_prompts: int = 1,
+        progress: bool = True,
+    ) -> None:
+        compute_in_threads(self.adapter, plan, todo, write, self.threads, figure_prompts, progress)

@@ -176,7 +176,7 @@ def test_resume_with_workers_computes_only_the_missing_prompts(
     assert len(ResultsStore(out).completed_ids()) == N_PROMPTS - len(missing)
     shared: list[bool] = []
 
-    def check_pool(progress: RayProgress) -> None:  # the pool.pt of the first run, shared
+    def check_pool(progress: RayProgress) -> None:  # the first run's stored pool, shared
         if not shared:
             shared.extend(
                 ray.get([w.pool_is_shared.remote(progress.plan_ref) for w in progress.workers])

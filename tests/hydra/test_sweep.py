@@ -193,3 +193,53 @@ def test_a_sweep_killed_with_sigkill_resumes_to_identical_results(tiny, tmp_path
     pd.testing.assert_frame_equal(e_got, e_ref)
     pd.testing.assert_frame_equal(r_got, r_ref)
     assert (killed / "effects.parquet").read_bytes() == (reference / "effects.parquet").read_bytes()
+
+
+def test_mean_ablation_is_the_mean_over_the_other_prompts_by_hand():
+    """``mean`` = (sum of the other prompts' values) / (n - 1), as causalnet.ablations.Mean
+    computes over a batch: here by hand on a [3 prompts, 2 sites, 2 dims] pool (exact in
+    float64; float32 to rounding)."""
+    pool = torch.tensor(
+        [[[1.0, 2.0], [0.0, 4.0]], [[3.0, -2.0], [6.0, 0.0]], [[5.0, 6.0], [-3.0, 1.0]]],
+        dtype=torch.float64,
+    )
+    config = SweepConfig(ablation="mean")
+    values, sources = ablation_values(config, pool, 0)
+    assert sources == [] and values.shape == (2, 1, 2)  # one patch per site
+    assert values[:, 0].tolist() == [[4.0, 2.0], [1.5, 0.5]]  # ((3+5)/2, (-2+6)/2), ...
+    assert ablation_values(config, pool, 2)[0][:, 0].tolist() == [[2.0, 0.0], [3.0, 2.0]]
+    from causalnet.ablations import Mean
+
+    for i in range(3):
+        engine = Mean().sample(pool, torch.Generator())[0, i]  # the engine's leave-one-out
+        assert torch.equal(ablation_values(config, pool, i)[0][:, 0], engine)
+    pool32 = torch.randn(7, 3, 5)
+    got = ablation_values(config, pool32, 4)[0][:, 0]
+    by_hand = (pool32.double().sum(0) - pool32[4].double()) / 6
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), by_hand, atol=1e-6)
+    with pytest.raises(CausalNetError, match="other prompts"):
+        ablation_values(config, pool[:1], 0)
+
+
+def test_mean_ablation_sweep_total_effect_matches_a_naive_reforward(tiny, tmp_path):
+    """The sweep's mean ablation patches the leave-one-out mean of the clean runs' values (by
+    hand, float64) and its total effect equals the naive hooked re-forward's (1e-4, float32)."""
+    config = _config(tiny, ablation="mean", limit=5, sites="attn.0,mlp.1")
+    effects = ResultsStore(run_sweep(config, tmp_path / "r", progress=False)).load_effects()
+    adapter = load(config.model)
+    import json
+
+    lines = Path(config.prompts).read_text().splitlines()[:5]
+    tokens = [adapter.encode(json.loads(line)["prompt"]) for line in lines]
+    index = [adapter.readout_sites().index(s) for s in ("attn.0", "mlp.1")]
+    values = torch.stack([adapter.clean_run(t).site_values[index] for t in tokens]).double()
+    for i in (0, 3):
+        others = torch.cat([values[:i], values[i + 1 :]])
+        mean = others.mean(0).float()  # [2 sites, d]
+        clean = adapter.clean_run(tokens[i])
+        for s_idx, site in enumerate(("attn.0", "mlp.1")):
+            logits = naive_patch(adapter, tokens[i], site, mean[s_idx : s_idx + 1]).logits[:, -1]
+            centred = logits[:, clean.target] - logits.mean(-1)
+            expected = float((centred - clean.centred_logit).mean())
+            got = effects.query("prompt_id == @i and site == @site")["total_effect"].item()
+            assert got == pytest.approx(expected, abs=1e-4)
