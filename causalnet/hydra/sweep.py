@@ -123,7 +123,7 @@ def run_sweep(
 
     t_start = time.perf_counter()
     # validate: nothing loaded, nothing written
-    config, out = check_request(config, out, workers, figure_prompts)
+    config, out = check_request(config, out, workers, figure_prompts, adapter is None)
     if executor is not None:
         check_executor(executor)
     prompts = sweep_prompts(config)
@@ -186,13 +186,18 @@ def _writer(store: ResultsStore) -> Write:
 
 
 def check_request(
-    config: SweepConfig, out: str | os.PathLike[str], workers: int, figure_prompts: int
+    config: SweepConfig,
+    out: str | os.PathLike[str],
+    workers: int = 1,
+    figure_prompts: int = 1,
+    check_model: bool = True,
 ) -> tuple[SweepConfig, Path]:
     """The checks that need neither the model nor the folder's lock: the config's type, its
     paths made absolute (:func:`~causalnet.hydra.config.normalise_paths`), the model's
-    existence, the device's presence, ``workers``, ``figure_prompts`` and the ``out`` folder
-    (:func:`~causalnet.hydra.folder.check_out_folder`).
-    Returns the normalised config and ``out`` as a Path; writes nothing."""
+    existence (``check_model``: unless a loaded adapter was given), the device's presence,
+    ``workers``, ``figure_prompts`` and the ``out`` folder
+    (:func:`~causalnet.hydra.folder.check_out_folder`). Returns the normalised config and
+    ``out`` as a Path; writes nothing."""
     if not isinstance(config, SweepConfig):
         raise ConfigError(f"config must be a SweepConfig, got {type(config).__name__}")
     for name, value in (("workers", workers), ("figure_prompts", figure_prompts)):
@@ -203,7 +208,8 @@ def check_request(
     if figure_prompts < 0:
         raise ConfigError(f"figure_prompts must be at least 0, got {figure_prompts}")
     config = normalise_paths(config)
-    check_model_exists(config.model)
+    if check_model:
+        check_model_exists(config.model)
     check_device_available(config.device)
     out = Path(out).expanduser()
     check_out_folder(out)  # absent, empty or a results folder; writable

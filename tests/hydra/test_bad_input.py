@@ -301,3 +301,31 @@ def test_normalise_paths_leaves_names_alone():
     assert normalise_paths(missing) == missing
     with pytest.raises(ModelError, match="no/such/folder"):
         run_sweep(missing, "/nonexistent/never/written", progress=False)
+
+
+def test_the_bundled_model_fingerprint_follows_its_cache_manifest(tmp_path, monkeypatch):
+    """The bundled model is fingerprinted by the sha256 of its weights and config recorded in
+    the verified cache manifest: another weights file gives another fingerprint."""
+    from causalnet.hydra.fingerprints import model_fingerprint
+
+    monkeypatch.setenv("CAUSALNET_CACHE", str(tmp_path))
+    folder = tmp_path / "smollm2-135m"
+    folder.mkdir()
+    files = {
+        "config.json": {"size": 10, "sha256": "a" * 64},
+        "model.safetensors": {"size": 99, "sha256": "b" * 64},
+        "README.md": {"size": 5, "sha256": "c" * 64},
+    }
+    manifest = {"format": 1, "source": {"gguf": "x.gguf", "size": 1}, "files": files}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    first = model_fingerprint("SmolLM2-135M")
+    assert first.startswith("bundled:") and first == model_fingerprint("smollm2-135m")
+    files["README.md"]["sha256"] = "d" * 64  # not part of the model
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert model_fingerprint("smollm2-135m") == first
+    files["model.safetensors"]["sha256"] = "e" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert model_fingerprint("smollm2-135m") != first
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelError, match="manifest"):
+        model_fingerprint("smollm2-135m")
