@@ -148,6 +148,9 @@ def test_patch_matches_the_naive_hooked_hugging_face_reforward(tiny, granularity
 
 
 def test_naive_one_forward_per_patch_equals_batched(llama):
+    """The oracle's own batching (a self-comparison, not an oracle test): P copies of the prompt
+    in one forward equal P forwards of one. The fast path is compared with the oracle in
+    test_patch_matches_the_naive_hooked_hugging_face_reforward."""
     clean = llama.adapter.clean_run(llama.tokens)
     values = typical_values(llama.adapter, clean, ["attn.1"], 3)[0]
     one = naive_patch(llama.adapter, llama.tokens, "attn.1", values, batched=False)
@@ -322,7 +325,9 @@ def test_fast_patch_equals_reforward_for_any_prompt_position_and_sites(n_tokens,
 
 
 # ---- hooks that do not fire, and errors ---------------------------------------------------
-def test_a_hook_that_does_not_fire_raises(llama, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_hook_that_does_not_fire_raises(tiny_factory, monkeypatch, dtype):
+    llama = tiny_factory("llama-tied-gqa", dtype)  # private: its hook_points are replaced
     a = llama.adapter
     real = a.hook_points
 

@@ -66,11 +66,11 @@ def _run(model, tokens, granularity, values):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_patch_on_each_device_and_dtype_agrees_with_float32_cpu(
-    tiny_factory, device, dtype, family, granularity
+    shared_tiny, tiny_factory, device, dtype, family, granularity
 ):
     if device == "cpu" and dtype == torch.float32:
         pytest.skip("that is the reference itself")
-    ref_tiny = tiny_factory(family, torch.float32)
+    ref_tiny = shared_tiny(family, torch.float32)
     ref_a = ref_tiny.adapter
     ref_clean = ref_a.clean_run(ref_tiny.tokens, granularity=granularity)
     sites = _sites(ref_a, granularity)
@@ -80,6 +80,7 @@ def test_patch_on_each_device_and_dtype_agrees_with_float32_cpu(
     )
     ref = ref_a.patch(ref_clean, sites, values)
 
+    # a private copy: .to() moves and casts the module in place
     model = tiny_factory(family, torch.float32).model.to(device=device, dtype=dtype)
     clean, run = _run(model, ref_tiny.tokens, granularity, values)
     assert clean.target == ref_clean.target
@@ -97,7 +98,7 @@ def test_patch_on_each_device_and_dtype_agrees_with_float32_cpu(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patch_on_cuda_equals_the_naive_oracle_on_cuda(tiny_factory, family):
-    tiny = tiny_factory(family, torch.float32)
+    tiny = tiny_factory(family, torch.float32)  # private: moved to cuda in place
     model = tiny.model.to("cuda")
     a = adapt(model)
     tokens = tiny.tokens.to("cuda")
@@ -115,8 +116,8 @@ def test_patch_on_cuda_equals_the_naive_oracle_on_cuda(tiny_factory, family):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_final_values_on_each_device(tiny_factory, device):
-    tiny = tiny_factory("llama-tied-gqa", torch.float32)
+def test_final_values_on_each_device(shared_tiny, tiny_factory, device):
+    tiny = shared_tiny("llama-tied-gqa", torch.float32)
     ref = tiny.adapter.final_values([tiny.tokens, tiny.tokens[:4]])
     a = adapt(tiny_factory("llama-tied-gqa", torch.float32).model.to(device))
     got = a.final_values([tiny.tokens.to(device), tiny.tokens[:4].to(device)])

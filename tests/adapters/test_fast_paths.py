@@ -5,7 +5,12 @@
 - ``LlamaFinalStep`` (rotary folded into the prefix keys, per-head direct effects through
   W_O^T w) vs the generic ``FinalStep`` from the block methods: 1e-12 in float64, 1e-5 in
   float32, layer and head granularity, GQA/MQA, biases, sliding window, rope scaling.
-- ``final_values`` (right-padded batches, no vocabulary projection) vs one clean run per prompt.
+- Padding, not oracles: ``final_values`` (right-padded, length-sorted batches, no vocabulary
+  projection) and ``clean_runs`` (right-padded batch) vs ``clean_run`` of each prompt alone --
+  which is ``clean_runs`` on a batch of one, the same block methods: these pin that padding and
+  batching change nothing. The oracle for the batched paths is the Hugging Face model itself:
+  its logits and the values its own hooked forward records (``naive_patch``), in
+  ``test_batched_runs_match_the_models_own_forward``.
 - ``vocab_mean`` is recomputed when the unembedding changes in place.
 """
 
@@ -21,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from causalnet.adapters import adapt, kernels
 from causalnet.adapters.base import FinalStep, vocab_mean
 from causalnet.adapters.llama import LlamaFinalStep
+from causalnet.adapters.naive import naive_patch
 
 VOCAB = 101  # the tiny models' vocabulary (conftest)
 LLAMA_FAMILY = ["llama-tied-gqa", "llama-untied-bias", "qwen2-bias", "mistral-window"]
@@ -70,8 +76,8 @@ def test_kernels_keep_autograd_through_the_plain_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", LLAMA_FAMILY)
 @pytest.mark.parametrize("granularity", ["layer", "head"])
-def test_llama_final_step_equals_the_generic_step(tiny_factory, name, dtype, granularity):
-    tiny = tiny_factory(name, dtype)
+def test_llama_final_step_equals_the_generic_step(shared_tiny, name, dtype, granularity):
+    tiny = shared_tiny(name, dtype)
     a = tiny.adapter
     for position in (-1, 3, 0):
         clean = a.clean_run(tiny.tokens, granularity=granularity, position=position)
@@ -122,8 +128,12 @@ def test_llama_final_step_with_scaled_rotary_tables():
 
 @pytest.mark.parametrize("name", ALL_TINY)
 @pytest.mark.parametrize("granularity", ["layer", "head"])
-def test_final_values_equal_one_clean_run_per_prompt(tiny_factory, name, granularity):
-    tiny = tiny_factory(name, torch.float64)
+def test_final_values_padding_and_length_sorting_change_no_prompts_values(
+    shared_tiny, name, granularity
+):
+    """Padding / batching (not an oracle): final_values in batches of 1, a few and all prompts
+    equals clean_run on each prompt alone (same block methods), float64 1e-10."""
+    tiny = shared_tiny(name, torch.float64)
     a = tiny.adapter
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (5, 1, 9, 3, 9, 6, 2)]
@@ -134,8 +144,9 @@ def test_final_values_equal_one_clean_run_per_prompt(tiny_factory, name, granula
         assert (got - expect).abs().max() <= 1e-10
 
 
-def test_final_values_in_float32_agree_with_clean_runs(tiny_factory):
-    tiny = tiny_factory("llama-tied-gqa", torch.float32)
+def test_final_values_padding_changes_nothing_in_float32_either(shared_tiny):
+    """Padding / batching in float32 (not an oracle): other matrix shapes, 1e-5."""
+    tiny = shared_tiny("llama-tied-gqa", torch.float32)
     a = tiny.adapter
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (4, 8, 2, 7)]
@@ -143,8 +154,8 @@ def test_final_values_in_float32_agree_with_clean_runs(tiny_factory):
     assert (a.final_values(prompts) - expect).abs().max() <= 1e-5
 
 
-def test_block_methods_on_onednn_equal_the_modules_own_calls(tiny_factory):
-    tiny = tiny_factory("llama-untied-bias", torch.float32)
+def test_block_methods_on_onednn_equal_the_modules_own_calls(shared_tiny):
+    tiny = shared_tiny("llama-untied-bias", torch.float32)
     fast = tiny.adapter.forward(tiny.tokens, granularity="head")
     with kernels.reference_kernels():
         plain = tiny.adapter.forward(tiny.tokens, granularity="head")
@@ -194,8 +205,10 @@ def test_packing_off_uses_the_plain_weights(monkeypatch):
 
 @pytest.mark.parametrize("name", ALL_TINY)
 @pytest.mark.parametrize("granularity", ["layer", "head"])
-def test_batched_clean_runs_equal_one_at_a_time(tiny_factory, name, granularity):
-    a = tiny_factory(name, torch.float64).adapter
+def test_clean_runs_right_padding_changes_no_prompts_run(shared_tiny, name, granularity):
+    """Padding (not an oracle): a right-padded batch of prompts cut at other positions gives
+    each prompt the run clean_run gives it alone -- which is clean_runs on a batch of one."""
+    a = shared_tiny(name, torch.float64).adapter
     gen = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (6, 1, 9, 4)]
     positions = [-1, 0, 5, -2]
@@ -224,13 +237,44 @@ def test_batched_clean_runs_equal_one_at_a_time(tiny_factory, name, granularity)
         assert diff.abs().max() <= 1e-10
 
 
-def test_clean_runs_checks_its_arguments(tiny_factory):
+def test_clean_runs_checks_its_arguments(shared_tiny):
     from causalnet.errors import ContextError, ShapeError
 
-    a = tiny_factory("llama-tied-gqa", torch.float32).adapter
+    a = shared_tiny("llama-tied-gqa", torch.float32).adapter
     with pytest.raises(ShapeError, match="one position per prompt"):
         a.clean_runs([torch.tensor([1, 2])], positions=[0, 1])
     with pytest.raises(ShapeError, match="at least one prompt"):
         a.clean_runs([])
     with pytest.raises(ContextError, match="out of range"):
         a.clean_runs([torch.tensor([1, 2]), torch.tensor([3])], positions=[-1, 1])
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_batched_runs_match_the_models_own_forward(tiny, granularity):
+    """The oracle for the padded paths: per prompt of a right-padded batch, clean_runs' logits
+    equal the Hugging Face model's own logits on that prompt alone, and clean_runs' and
+    final_values' site values equal what the model's own hooked forward records at that
+    position (naive_patch doing do(embed = its value)). Tolerances: the shared tiny-model
+    ones (logits 1e-4 / 1e-10, values 1e-4 / 1e-9 in float32 / float64)."""
+    a, model = tiny.adapter, tiny.model
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (6, 1, 9)]
+    positions = [-1, 0, 5]
+    runs = a.clean_runs(prompts, granularity, positions)
+    final = a.final_values(prompts, granularity=granularity, batch_tokens=1000)
+    for i, (p, pos, run) in enumerate(zip(prompts, positions, runs, strict=True)):
+        t = pos % len(p)
+        with torch.no_grad():
+            logits = model(input_ids=p[None, : t + 1], use_cache=False).logits[0, -1]
+        assert run.target == int(logits.argmax())
+        assert (run.logits - logits).abs().max() <= tiny.logit_atol
+        hooked = naive_patch(a, p, "embed", run.value("embed")[None], t, granularity)
+        for j, site in enumerate(run.readout_sites):
+            assert (run.site_values[j] - hooked.site_values[site][0]).abs().max() <= (
+                tiny.patch_atol
+            ), site
+        if pos == -1:  # final_values reads out at the last token
+            embed = final[i, run.readout_sites.index("embed")][None]
+            last = naive_patch(a, p, "embed", embed, -1, granularity)
+            got = torch.stack([last.site_values[site][0] for site in run.readout_sites])
+            assert (final[i] - got).abs().max() <= tiny.patch_atol

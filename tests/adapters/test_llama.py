@@ -46,8 +46,8 @@ def _max_logit_diff(model, adapter, tokens) -> float:
 TOKENS = torch.tensor([5, 17, 3, 99, 42, 8, 64, 23, 11])
 
 
-def test_architecture_is_read_from_the_config(tiny_factory):
-    a = tiny_factory("llama-tied-gqa", torch.float32).adapter
+def test_architecture_is_read_from_the_config(shared_tiny):
+    a = shared_tiny("llama-tied-gqa", torch.float32).adapter
     arch = a.arch
     assert (arch.family, arch.n_layers, arch.n_heads, arch.n_kv_heads) == ("llama", 3, 4, 2)
     assert (arch.d_model, arch.d_head, arch.vocab_size) == (64, 16, 101)
@@ -66,8 +66,8 @@ def test_sigma_is_the_final_rmsnorm_scale_as_hugging_face_computes_it(llama):
     assert (got - expect).abs().max() <= tol * expect.abs().max()
 
 
-def test_readout_direction_is_gain_times_centred_unembedding(tiny_factory):
-    t = tiny_factory("llama-untied-bias", torch.float64)
+def test_readout_direction_is_gain_times_centred_unembedding(shared_tiny):
+    t = shared_tiny("llama-untied-bias", torch.float64)
     w, const = t.adapter.readout(7)
     w_u = t.model.lm_head.weight
     assert not torch.equal(w_u, t.model.model.embed_tokens.weight)  # untied
@@ -75,7 +75,9 @@ def test_readout_direction_is_gain_times_centred_unembedding(tiny_factory):
     assert torch.allclose(w, expect, atol=1e-14) and const == 0.0
 
 
-def test_weights_are_read_by_reference_not_copied(llama):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_weights_are_read_by_reference_not_copied(tiny_factory, dtype):
+    llama = tiny_factory("llama-tied-gqa", dtype)  # a private copy: its weights are edited
     a = llama.adapter
     with torch.no_grad():
         llama.model.model.layers[1].mlp.down_proj.weight.mul_(3.0)
@@ -87,7 +89,7 @@ def test_weights_are_read_by_reference_not_copied(llama):
 
 
 def test_qwen2_qkv_biases_are_used(tiny_factory):
-    t = tiny_factory("qwen2-bias", torch.float64)
+    t = tiny_factory("qwen2-bias", torch.float64)  # a private copy: its biases are edited
     attn = t.model.model.layers[0].self_attn
     assert attn.q_proj.bias.abs().max() > 0.01 and attn.o_proj.bias is None
     assert _max_logit_diff(t.model, t.adapter, TOKENS) <= 1e-10
@@ -96,8 +98,8 @@ def test_qwen2_qkv_biases_are_used(tiny_factory):
     assert _max_logit_diff(t.model, t.adapter, TOKENS) <= 1e-10
 
 
-def test_o_proj_bias_is_split_equally_over_the_heads(tiny_factory):
-    t = tiny_factory("llama-untied-bias", torch.float64)
+def test_o_proj_bias_is_split_equally_over_the_heads(shared_tiny):
+    t = shared_tiny("llama-untied-bias", torch.float64)
     run = t.adapter.forward(TOKENS, granularity="head", cache=True)
     b = t.model.model.layers[0].self_attn.o_proj.bias
     zero = torch.zeros(4, 16, dtype=torch.float64)
@@ -108,7 +110,7 @@ def test_o_proj_bias_is_split_equally_over_the_heads(tiny_factory):
 
 
 def test_mistral_sliding_window_masks_old_keys(tiny_factory):
-    t = tiny_factory("mistral-window", torch.float64)
+    t = tiny_factory("mistral-window", torch.float64)  # private: its windows are switched off
     assert t.adapter.attention_window(0) == 3
     assert _max_logit_diff(t.model, t.adapter, TOKENS) <= 1e-10
     t.adapter._windows = [None] * t.adapter.arch.n_layers  # the window must matter here
@@ -162,8 +164,8 @@ def test_explicit_head_dim_different_from_hidden_over_heads():
     assert _max_logit_diff(model, a, TOKENS) <= 1e-10
 
 
-def test_float32_model_matches_hugging_face(tiny_factory):
-    t = tiny_factory("qwen2-bias", torch.float32)
+def test_float32_model_matches_hugging_face(shared_tiny):
+    t = shared_tiny("qwen2-bias", torch.float32)
     assert _max_logit_diff(t.model, t.adapter, TOKENS) <= 1e-4
 
 
