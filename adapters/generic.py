@@ -10,9 +10,9 @@ and runs everything through the model's OWN forward with hooks on the found modu
   H's term of the output projection (:mod:`causalnet.adapters.heads`);
 - do(site = v) at position t replaces that output at t (by v / alpha_l); a head's term is
   replaced inside the output projection's output;
-- readouts at each run's own frozen final scale (CONVENTIONS "Which sigma") with the readout
-  direction of :mod:`causalnet.adapters.norms`; the centred logit is the model's own (before any
-  soft-cap), from the unembedding's output.
+- readouts at each run's own frozen final scale (docs/conventions.md, "Which sigma") with the
+  readout direction of :mod:`causalnet.adapters.norms`; the centred logit is the model's own
+  (before any soft-cap), from the unembedding's output.
 
 Patching is a batched hooked re-forward of the prompt (rows of every site and patch in one
 batch, chunked), not the fast final-position engine of the hand-written families. The hooks are

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from causalnet.errors import InterventionError
 
-#: Comparison tolerances relative to the scale of what is compared, per dtype (CONVENTIONS:
-#: 1e-5 in float32, 1e-10 in float64; half precision is checked at 1e-2).
+#: Comparison tolerances relative to the scale of what is compared, per dtype (docs/conventions.md,
+#: "Tolerances": 1e-5 in float32, 1e-10 in float64; half precision is checked at 1e-2).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 

@@ -12,7 +12,7 @@ with the gain g one of the module's ``weight``, ``1 + weight`` (Gemma) or 1, the
 float32 (Hugging Face's RMSNorms compute in float32 even for a float64 model). A module that
 matches no candidate within the dtype's tolerance is refused with the best fit's error.
 
-The readout (Eqs 9, 10, 24-28, CONVENTIONS): the model's pre-cap logits are
+The readout (Eqs 9, 10, 24-28; docs/conventions.md): the model's pre-cap logits are
 ``pi = s * (W_U norm(z) + beta)`` (s a logit multiplier: Granite's 1 / logits_scaling), so the
 centred logit of token i is  ``sum_sites (c . w_i) / sigma + const_i`` with
 ``u_i = W_U[i] - mean_j W_U[j]`` and
