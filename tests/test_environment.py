@@ -87,7 +87,7 @@ def test_packed_weights_switched_after_import_take_effect(monkeypatch):
 
 
 def test_prompt_threads_set_after_import_take_effect(monkeypatch):
-    from causalnet.hydra.threads import prompt_threads
+    from causalnet.hydra.parallel import prompt_threads
 
     monkeypatch.setenv("CAUSALNET_PROMPT_THREADS", "3")
     assert prompt_threads(None, "cpu") == 3
