@@ -5,6 +5,7 @@ repository, every "Eq N" the code cites is one of the paper's equations indexed 
 from __future__ import annotations
 
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _EQ = re.compile(
     r"\bEqs?\.?\s+(\d+(?:\s*[-\u2013]\s*\d+)?(?:\s*(?:,|and)\s*\d+(?:\s*[-\u2013]\s*\d+)?)*)"
 )
+_STATEMENT_START = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
 _SECTION = re.compile(r"conventions\.md`*\s*,\s*\"([^\"]+)\"")
 
 
@@ -49,6 +51,22 @@ def _rel(path: Path) -> str:
 def _resolves(ref: str, source: Path) -> bool:
     """A path resolves relative to the repository root or to the citing file's folder."""
     return (ROOT / ref).exists() or (source.parent / ref).exists()
+
+
+def prose(path: Path) -> str:
+    """The comments and docstrings (strings standing as statements) of a Python file: where a
+    file cites documents, as opposed to code that happens to spell ``args.md``."""
+    parts: list[str] = []
+    previous = tokenize.NEWLINE
+    with path.open("rb") as f:
+        for tok in tokenize.tokenize(f.readline):
+            if tok.type == tokenize.COMMENT:
+                parts.append(tok.string)
+            elif tok.type == tokenize.STRING and previous in _STATEMENT_START:
+                parts.append(tok.string)
+            if tok.type not in (tokenize.COMMENT, tokenize.NL):
+                previous = tok.type
+    return "\n".join(parts)
 
 
 def cited_equations(text: str) -> set[int]:
@@ -88,10 +106,20 @@ def test_the_citation_parsers_find_what_they_should():
     assert _SECTION.findall('(``docs/conventions.md``, "Which sigma")') == ["Which sigma"]
 
 
+def test_prose_is_the_comments_and_docstrings_only(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        '"""See docs/a.md."""\n\n\ndef f(args):\n    """And b.md."""\n'
+        '    return args.md, "c.md"  # d.md\n',
+        encoding="utf-8",
+    )
+    assert _MD_PATH.findall(prose(source)) == ["docs/a.md", "b.md", "d.md"]
+
+
 def test_every_markdown_file_cited_in_code_or_the_readme_is_in_the_repository():
     missing: set[tuple[str, str]] = set()
     for path in _python_files():
-        text = path.read_text(encoding="utf-8")
+        text = prose(path)
         for ref in _MD_PATH.findall(text):
             if not _resolves(ref, path):
                 missing.add((_rel(path), ref))
