@@ -12,9 +12,15 @@ in float32 everywhere)::
     pi_t   = norm(z^L_t) W_U^T                                                    (Eq 3, tied)
 
 A site's value is what it adds to the residual stream, so attn.l and mlp.l are the *normed*
-sublayer outputs (the project's convention for norms after the sublayer). The norm after the
-attention mixes the heads (its scale depends on all of them), so no head has an additive share
-of attn.l: head granularity is refused (``arch.sublayer_norms``). ``s`` is
+sublayer outputs (the project's convention for norms after the sublayer).
+
+Heads (docs/conventions.md, "Heads under a norm after the attention"): with o = sum_h o_h the
+output projection's per-head terms, attn.l = gamma * o / sigma(o), gamma = 1 + g, and head h's
+value is its share at the run's own post-attention scale, ``attn.l.hH = gamma * o_h / sigma(o)``
+(the shares sum to attn.l). Patching head h to v sets its pre-norm term to the one whose share
+at the clean scale is v, ``o_h' = o_h + (v - share_h) * sigma(o) / gamma`` (coordinates with
+gamma = 0 keep o_h), recomputes o' and the norm with its own sigma(o'); the patched run's heads
+of that layer are read out as shares at sigma(o'). ``s`` is
 ``query_pre_attn_scalar ** -0.5``; the layers alternate sliding-window and full attention
 (``layer_types``), each with its own rotary tables, taken from the model's rotary module.
 The readout (Eqs 9, 10, 24-28) is ``w_i = (1 + G) * (W_U[i] - mean_j W_U[j])``, ``const_i = 0``.
@@ -31,12 +37,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from causalnet.errors import ModelError
+from causalnet.errors import CausalNetError, ModelError
 
 from .base import (
     Architecture,
+    CleanRun,
+    FinalStep,
     HookPoints,
+    PatchedRun,
     TransformerAdapter,
+    accumulation_dtype,
     linear_head_outputs,
     rotate_half,
 )
@@ -72,7 +82,8 @@ def _check_modules(body: nn.Module) -> None:
 
 
 class GemmaAdapter(TransformerAdapter):
-    """``Gemma3ForCausalLM`` seen as the sites ``embed``, ``attn.l``, ``mlp.l`` (no heads).
+    """``Gemma3ForCausalLM`` seen as the sites ``embed``, ``attn.l`` (or its heads' shares
+    ``attn.l.hH``), ``mlp.l``.
 
     Read from the config, not assumed: ``head_dim``, grouped key/value heads, ``layer_types``
     with ``sliding_window``, the rotary tables per layer type, ``query_pre_attn_scalar``,
@@ -157,14 +168,35 @@ class GemmaAdapter(TransformerAdapter):
         cos, sin = cos[0].unsqueeze(-2), sin[0].unsqueeze(-2)  # [T, 1, dh] against [..., T, H, dh]
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
-    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
-        """``o_proj``'s per-head terms ``W_O[:, H] z_H (+ b_O / H)`` [..., H, d], before the norm.
-
-        They sum to o_proj's output, not to attn.l (the norm after it mixes them), so they are
-        never a site's value here (head granularity is refused).
-        """
+    def head_terms(self, layer: int, z: Tensor) -> Tensor:
+        """``o_proj``'s per-head terms ``o_h = W_O[:, h] z_h (+ b_O / H)`` [..., H, d], before the
+        norm; they sum to o_proj's output o."""
         o_proj = self._body.layers[layer].self_attn.o_proj
         return linear_head_outputs(o_proj, z, self.arch.n_heads)
+
+    def post_attention_frame(self, layer: int, o: Tensor) -> tuple[Tensor, Tensor]:
+        """``(1 / sigma(o) [..., 1], gamma [d])`` of layer ``layer``'s post-attention norm, in
+        the accumulation dtype (float32, float64 for float64 models), as Gemma's RMSNorm
+        computes them: ``attn.l = o * (1 / sigma(o)) * gamma``, gamma = 1 + g."""
+        norm = self._body.layers[layer].post_attention_layernorm
+        acc = accumulation_dtype(o.dtype)
+        x = o.to(acc)
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return inv, 1.0 + norm.weight.to(acc)
+
+    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
+        """Each head's share of attn.l at the post-attention norm's scale of this very run:
+        ``share_h = gamma * o_h / sigma(o)``, o = o_proj(concat_h z_h), [..., H, dh] -> [..., H, d].
+        They sum to ``attn.l = gamma * o / sigma(o)`` (up to rounding)."""
+        terms = self.head_terms(layer, z)
+        o = self._body.layers[layer].self_attn.o_proj(z.flatten(-2))
+        inv, gamma = self.post_attention_frame(layer, o)
+        return (terms.to(inv.dtype) * inv.unsqueeze(-2) * gamma).to(z.dtype)
+
+    def _check_granularity(self, granularity: str) -> None:
+        """'layer' or 'head': Gemma's heads have shares of attn.l (:meth:`head_outputs`)."""
+        if granularity not in ("layer", "head"):
+            raise CausalNetError(f"granularity must be 'layer' or 'head', got {granularity!r}")
 
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         """``attn.l = post_attention_layernorm(o_proj(concat_H z_H))``: [..., H, dh] -> [..., d]."""
@@ -197,6 +229,77 @@ class GemmaAdapter(TransformerAdapter):
         """``norm(z) . (W_U[i] - mean_j W_U[j])`` through the model's own final norm (Eq 9)."""
         u, const = _centred_unembed(self._head.weight, self._head.bias, token)
         return self._body.norm(resid) @ u + const
+
+    # ---- patching a head under the post-attention norm --------------------------------------
+    def patch(self, clean: CleanRun, sites: list[str], values: Tensor) -> PatchedRun:
+        """:meth:`TransformerAdapter.patch`; a head's patch recomputes the post-attention norm.
+
+        Head h of layer l patched to v: ``o_h' = o_h + (v - share_h) * sigma(o) / gamma`` at the
+        clean scale (coordinates with gamma = 0 keep o_h), ``o' = o - o_h + o_h'``, and the layer
+        adds ``attn.l' = norm(o')`` with its own sigma(o') (the model's module). In a
+        head-granularity run the heads of layer l are read out as their shares at sigma(o'),
+        ``gamma * o_k' / sigma(o')``, so they sum to attn.l'. Other sites: as every family.
+        """
+        rows = self._head_rows(clean, sites, values)
+        if not rows:
+            return super().patch(clean, sites, values)
+        values = torch.as_tensor(values).to(device=self.device, dtype=self.dtype).clone()
+        step = FinalStep(self, clean)
+        frames: dict[int, tuple[Tensor, Tensor]] = {}
+        shares: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for i, (layer, head) in rows.items():
+                if layer not in frames:
+                    zh = step.heads(layer, clean._resid_pre[layer][None])  # clean heads at t
+                    o = self._body.layers[layer].self_attn.o_proj(zh.flatten(-2))[0]
+                    frames[layer] = (self.head_terms(layer, zh)[0], o)
+                values[i], shares[i] = self._renormed(clean, layer, head, values[i], frames[layer])
+        run = super().patch(clean, sites, values)
+        if clean.granularity == "head":
+            acc = run.direct_effects.dtype
+            w = clean.readout_dir.to(acc)
+            direct = run.direct_effects.clone()
+            n_heads = self.arch.n_heads
+            for i, (layer, _) in rows.items():
+                cols = clean.readout_sites.index(f"attn.{layer}.h0") + torch.arange(n_heads)
+                share_w = shares[i].to(acc) @ w  # [P, H]
+                direct[i][:, cols] = share_w / run.sigma[i][:, None].to(acc)
+            run.direct_effects = direct
+        return run
+
+    def _head_rows(self, clean: CleanRun, sites: list[str], values: Tensor) -> dict[int, tuple]:
+        """{row: (layer, head)} of the head sites, if the call is well formed (else {}: the base
+        patch raises its error)."""
+        if not isinstance(clean, CleanRun) or isinstance(sites, str):
+            return {}
+        parsed = [self.site(s) for s in sites]
+        v = torch.as_tensor(values)
+        if v.ndim != 3 or v.shape[0] != len(parsed) or v.shape[1] == 0:
+            return {}
+        if v.shape[2] != self.arch.d_model or len(clean._k) != self.arch.n_layers:
+            return {}
+        return {i: (s.layer, s.head) for i, s in enumerate(parsed) if s.kind == "head"}
+
+    def _renormed(
+        self, clean: CleanRun, layer: int, head: int, v: Tensor, frame: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """For patches v [P, d] of head ``head``: the value the base engine adds in place of the
+        clean share (it then sees attn.l' = norm(o')) and the heads' shares at sigma(o')
+        [P, H, d] (accumulation dtype)."""
+        terms, o = frame  # [H, d], [d]: the clean pre-norm terms and their sum
+        inv, gamma = self.post_attention_frame(layer, o)
+        acc = inv.dtype
+        share = terms[head].to(acc) * inv * gamma
+        nonzero = gamma != 0
+        scale = torch.where(nonzero, 1.0 / (inv * torch.where(nonzero, gamma, 1.0)), 0.0)
+        delta = (v.to(acc) - share) * scale  # [P, d]: o_h' - o_h
+        o_new = (o.to(acc) + delta).to(o.dtype)
+        attn_new = self._body.layers[layer].post_attention_layernorm(o_new)
+        new_terms = terms.to(acc).expand(v.shape[0], -1, -1).clone()
+        new_terms[:, head] += delta
+        inv_new, _ = self.post_attention_frame(layer, o_new)
+        v_engine = attn_new - clean._attn[layer] + clean._heads[layer, head]
+        return v_engine, new_terms * inv_new.unsqueeze(-2) * gamma
 
     # ---- hooks for the naive oracle ------------------------------------------------------
     def hook_points(self, layer: int) -> HookPoints:

@@ -1,4 +1,5 @@
-"""The Gemma 3 adapter (adapters/gemma.py): norms after the sublayers, layer granularity.
+"""The Gemma 3 adapter (adapters/gemma.py): norms after the sublayers; heads as shares of attn.l
+at the post-attention norm's scale, a head's patch recomputing that norm (docs/conventions.md).
 
 A tiny seeded Gemma3ForCausalLM (grouped key/value heads, q/k norms, attention biases, a
 sliding window of 3 on layers 0 and 2 shorter than the 7-token prompt, separate rotary tables
@@ -17,7 +18,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from causalnet.adapters import adapt
 from causalnet.adapters.gemma import GemmaAdapter
-from causalnet.adapters.naive import naive_patch, naive_readout
+from causalnet.adapters.naive import head_contributions, naive_patch, naive_readout
 from causalnet.adapters.scm import to_scm
 from causalnet.errors import ModelError
 
@@ -142,17 +143,174 @@ def test_the_scm_view_reproduces_the_logits() -> None:
     assert (values["logits"] - ref).abs().max() <= 1e-10
 
 
-def test_head_granularity_is_refused_naming_the_post_norm() -> None:
-    a = adapt(build())
-    for call in (
-        lambda: a.sites("head"),
-        lambda: a.clean_run(prompt(), granularity="head"),
-        lambda: a.forward(prompt(), granularity="head"),
-        lambda: a.site("attn.1.h2"),
-        lambda: a.patch(a.clean_run(prompt()), ["attn.1.h2"], torch.zeros(1, 1, 64)),
-    ):
-        with pytest.raises(ModelError, match="norm after the attention"):
-            call()
+def hooked_head_patch(
+    model: nn.Module, tokens: Tensor, layer: int, head: int, values: Tensor
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The oracle for a head patch under the post-attention norm: the Hugging Face model itself,
+    run once per batch of patches with PyTorch hooks (no adapter block method).
+
+    At the last position t, a forward hook on layers[layer].self_attn.o_proj moves head ``head``'s
+    term o_h (the module's own forward on the heads with the others zeroed) by
+    (v - share_h) * sigma(o) / gamma on the coordinates with gamma != 0; the model's own
+    post_attention_layernorm then renormalises. Recorded at t: the embedding (layer 0's input),
+    every layer's heads as shares gamma * o_k / sigma(o) of the o_proj output actually used, the
+    post-feedforward norm outputs, and z^L (the final norm's input). Returns (logits at t [P, V],
+    readout site -> [P, d], z^L [P, d]).
+    """
+    cfg = model.config
+    n_heads, t = cfg.num_attention_heads, tokens.shape[0] - 1
+    layers = model.model.layers
+    got: dict[str, Tensor] = {}
+    moved: dict[int, Tensor] = {}
+
+    def frame(norm: nn.Module, o: Tensor) -> tuple[Tensor, Tensor]:
+        acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+        inv = torch.rsqrt(o.to(acc).pow(2).mean(-1, keepdim=True) + norm.eps)
+        return inv, 1.0 + norm.weight.to(acc)
+
+    def o_proj_hook(i: int):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            got[f"z{i}"] = args[0][:, t].clone()
+            if i == layer:
+                inv, gamma = frame(layers[i].post_attention_layernorm, out[:, t])
+                term = head_contributions(module, args[0][:, t], n_heads)[:, head]
+                share = term.to(inv.dtype) * inv * gamma
+                delta = (values.to(inv.dtype) - share) / (inv * gamma)
+                delta = torch.where(gamma != 0, delta, torch.zeros_like(delta))
+                moved[i] = delta
+                out = out.clone()
+                out[:, t] = (out[:, t].to(inv.dtype) + delta).to(out.dtype)
+            got[f"o{i}"] = out[:, t].clone()
+            return out
+
+        return hook
+
+    def record(key: str):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            got[key] = (args[0] if out is None else out)[:, t].clone()
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(lambda m, a: got.update(embed=a[0][:, t]))]
+    handles.append(
+        model.model.norm.register_forward_pre_hook(lambda m, a: record("final")(m, a, None))
+    )
+    for i, block in enumerate(layers):
+        handles.append(block.self_attn.o_proj.register_forward_hook(o_proj_hook(i)))
+        handles.append(block.post_feedforward_layernorm.register_forward_hook(record(f"mlp{i}")))
+    batch = tokens[None].expand(values.shape[0], -1)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=batch, use_cache=False).logits[:, t]
+    finally:
+        for h in handles:
+            h.remove()
+    sites: dict[str, Tensor] = {"embed": got["embed"]}
+    with torch.no_grad():
+        for i, block in enumerate(layers):
+            terms = head_contributions(block.self_attn.o_proj, got[f"z{i}"], n_heads)
+            inv, gamma = frame(block.post_attention_layernorm, got[f"o{i}"])
+            terms = terms.to(inv.dtype)
+            if i in moved:
+                terms[:, head] += moved[i]
+            for k in range(n_heads):
+                sites[f"attn.{i}.h{k}"] = (terms[:, k] * inv * gamma).to(got["embed"].dtype)
+            sites[f"mlp.{i}"] = got[f"mlp{i}"]
+    return logits, sites, got["final"]
+
+
+def build_with_a_zero_gain(dtype: torch.dtype) -> Gemma3ForCausalLM:
+    """The tiny model with one post-attention gain coordinate exactly 0 (as layers 0 and 3 of
+    Gemma 3 270M have): the shares cannot see it, so a patch keeps o_h there."""
+    model = build(dtype)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[5] = -1.0
+    return model
+
+
+def test_head_shares_sum_to_their_layers_normed_attention_output(dtype) -> None:
+    a = adapt(build_with_a_zero_gain(dtype))
+    tokens = torch.stack([prompt(), prompt(seed=5)])
+    heads = a.forward(tokens, granularity="head")
+    layers = a.forward(tokens)
+    tol = 1e-5 if dtype == torch.float32 else 1e-6  # Gemma's norm computes in float32
+    for layer in range(3):
+        total = sum(heads.values[f"attn.{layer}.h{h}"] for h in range(4))
+        assert (total - layers.values[f"attn.{layer}"]).abs().max() <= tol, layer
+    stacked = torch.stack(list(heads.values.values())).sum(0)  # Eq 21 with heads
+    assert (stacked - heads.resid_final).abs().max() <= 1e-5 * heads.resid_final.abs().max()
+    assert (heads.logits - layers.logits).abs().max() == 0  # the sites never change the logits
+
+
+def test_clean_head_shares_match_the_hooked_model_and_sum_to_the_centred_logit(dtype) -> None:
+    model = build_with_a_zero_gain(dtype)
+    a = adapt(model)
+    tokens = prompt()
+    clean = a.clean_run(tokens, granularity="head")
+    no_op = clean.value("attn.0.h0")[None]  # the hooks run, the patch moves nothing
+    _, sites, _ = hooked_head_patch(model, tokens, 0, 0, no_op)
+    for site in clean.readout_sites:
+        assert (sites[site][0] - clean.value(site)).abs().max() <= ATOL[dtype], site
+    total = float(clean.direct_effects.sum()) + clean.readout_const
+    assert abs(total - float(hf_centred(model, tokens)[clean.target])) <= DECOMPOSITION_ATOL[dtype]
+
+
+def test_head_patch_recomputes_the_norm_as_the_hooked_reforward_does(dtype) -> None:
+    """Every head, three random values and two other prompts' shares each: the fast patch vs the
+    hooked Hugging Face re-forward (centred logit, sigma, every readout's direct effect)."""
+    model = build_with_a_zero_gain(dtype)
+    a = adapt(model)
+    tokens = prompt()
+    clean = a.clean_run(tokens, granularity="head")
+    donors = [a.clean_run(prompt(seed=s), granularity="head") for s in (11, 12)]
+    sites = [s for s in a.sites("head") if ".h" in s]
+    gen = torch.Generator().manual_seed(3)
+    noise = 0.5 * torch.randn(len(sites), 3, 64, generator=gen).to(dtype)
+    shares = torch.stack([torch.stack([d.value(s) for d in donors]) for s in sites])
+    values = torch.cat([noise, shares], dim=1)
+    run = a.patch(clean, sites, values)
+    w, const = a.readout(clean.target)
+    # float64: o' is computed in two orders (here and in the hook), and Gemma's norm rounds it
+    # to float32, so one-ulp float32 flips (~1e-7 relative, measured up to 1e-6) reach the logit
+    tol = ATOL[dtype] if dtype == torch.float32 else 1e-5
+    for i, site in enumerate(sites):
+        layer, head = int(site.split(".")[1]), int(site.split(".h")[1])
+        logits, got, final = hooked_head_patch(model, tokens, layer, head, values[i])
+        centred = logits[:, clean.target] - logits.mean(-1)
+        sigma = a.final_scale(final)
+        direct = torch.stack([got[r] for r in clean.readout_sites], 1) @ w / sigma[:, None]
+        assert (run.centred_logit[i] - centred).abs().max() <= tol, site
+        assert (run.total_effect[i] - (centred - clean.centred_logit)).abs().max() <= tol, site
+        assert (run.sigma[i] - sigma).abs().max() <= tol, site
+        assert (run.direct_effects[i] - direct).abs().max() <= tol, site
+        # each patched run still decomposes exactly into its direct effects
+        total = run.direct_effects[i].sum(-1) + const
+        assert (total - run.centred_logit[i]).abs().max() <= DECOMPOSITION_ATOL[dtype], site
+    assert run.total_effect.abs().min() > 1e-3  # every patch did something
+
+
+def test_patching_a_head_with_its_own_share_changes_nothing(dtype) -> None:
+    a = adapt(build_with_a_zero_gain(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-6
+    for granularity in ("head", "layer"):
+        clean = a.clean_run(prompt(), granularity=granularity)
+        head_clean = a.clean_run(prompt(), granularity="head")
+        sites = ["attn.0.h1", "attn.1.h3", "attn.2.h0"]
+        values = torch.stack([head_clean.value(s)[None] for s in sites])
+        run = a.patch(clean, sites, values)
+        assert run.total_effect.abs().max() <= tol, granularity
+        assert (run.direct_effects - clean.direct_effects).abs().max() <= tol, granularity
+
+
+def test_a_head_patch_in_a_layer_run_moves_the_logit_as_in_a_head_run() -> None:
+    a = adapt(build_with_a_zero_gain(torch.float64))
+    values = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    sites = ["attn.1.h2", "attn.2.h3"]
+    by_layer = a.patch(a.clean_run(prompt()), sites, values)
+    by_head = a.patch(a.clean_run(prompt(), granularity="head"), sites, values)
+    # the same o' up to float64 rounding, then Gemma's float32 norm: 1e-5 (measured ~2e-7)
+    assert (by_layer.centred_logit - by_head.centred_logit).abs().max() <= 1e-5
+    assert by_layer.total_effect.abs().min() > 1e-3
 
 
 def test_models_it_cannot_describe_are_refused_naming_the_part() -> None:
