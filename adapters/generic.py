@@ -14,15 +14,18 @@ and runs everything through the model's OWN forward with hooks on the found modu
   readout direction of :mod:`causalnet.adapters.norms`; the centred logit is the model's own
   (before any soft-cap), from the unembedding's output.
 
-Patching is a batched hooked re-forward of the prompt (rows of every site and patch in one
-batch, chunked), not the fast final-position engine of the hand-written families. The hooks are
-global to the modules, so one adapter runs one forward at a time (a lock).
+The hooked forward is :mod:`causalnet.adapters.trace`. Patching replays the model's own blocks
+at the final position only, against the clean run's own cache, all rows in one batch that grows
+as the layers go up (:mod:`causalnet.adapters.fastpatch`, :mod:`causalnet.adapters.replay`);
+before use it is checked against the hooked re-forward of the whole prompt on a probe, and where
+it cannot be used (``fast_refusal`` says why) patching is that re-forward
+(:func:`causalnet.adapters.trace.reforward_patch`). The hooks are global to the modules, so one
+adapter runs one forward at a time (a lock).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,25 +50,9 @@ from .base import (
     accumulation_dtype,
 )
 from .discover import Declaration, Decomposition, discover
-from .heads import head_terms
-from .hooks import HookSet, call_model, first, hidden_in, with_first, with_hidden_in
-
-ROW_BUDGET = 1 << 25  # rows * tokens * d of one patch forward
-
-
-@dataclass
-class Trace:
-    """One hooked forward, every value at the chosen positions ([B, ...] with ``at``, else
-    [B, T, ...]). ``attn``/``mlp``/``pre`` hold one entry per layer; ``heads`` [.., H, d]."""
-
-    embed: Tensor
-    pre: list[Tensor]
-    attn: list[Tensor]
-    mlp: list[Tensor]
-    heads: list[Tensor] | None
-    final: Tensor
-    unembedded: Tensor
-    logits: Tensor
+from .fastpatch import check_fast, fast_patch
+from .measure import probe_tokens
+from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 
 class GenericAdapter(ResidualAdapter):
@@ -99,6 +86,29 @@ class GenericAdapter(ResidualAdapter):
         )
         self._lock = threading.RLock()
         self.verification = verify(self)
+        self._fast: tuple[str | None, float | None] | None = None
+
+    # ---- fast patching, checked before its first use -------------------------------------
+    @property
+    def fast_refusal(self) -> str | None:
+        """Why patching falls back to hooked re-forwards of the whole prompt, or None: patches
+        replay the model's blocks at the final position (:mod:`causalnet.adapters.fastpatch`).
+        Decided once, at the first use, by :func:`causalnet.adapters.fastpatch.check_fast` on
+        the probe (every site patched, fast vs re-forward)."""
+        return self._fast_check()[0]
+
+    @property
+    def fast_error(self) -> float | None:
+        """The largest disagreement of the fast path with the re-forward on the probe (relative
+        to max(1, |centred logit|)); None where the fast path failed to run."""
+        return self._fast_check()[1]
+
+    def _fast_check(self) -> tuple[str | None, float | None]:
+        with self._lock:
+            if self._fast is None:
+                probe = probe_tokens(self.model, self.parts.vocab_size)[0]
+                self._fast = check_fast(self, probe)
+            return self._fast
 
     # ---- what the base and the oracle need ------------------------------------------------
     def _check_granularity(self, granularity: str) -> None:
@@ -136,133 +146,11 @@ class GenericAdapter(ResidualAdapter):
         heads: bool = False,
         last_only: bool = False,
     ) -> Trace:
-        """Run the model on ``tokens`` [B, T] with do(site = value) for every ``(site, rows,
-        values [n, d])`` of ``patches`` at the positions ``at[rows]``, recording every site at
-        the positions ``at`` [B] (None: all positions)."""
-        p = self.parts
-        n_b, n_t = tokens.shape
-        rows_all = torch.arange(n_b, device=tokens.device)
-        by: dict[tuple[str, int], list[tuple[Site, Tensor, Tensor]]] = {}
-        for site, rows, vals in patches or []:
-            kind = "o_proj" if site.kind == "head" else site.kind
-            by.setdefault((kind, site.layer), []).append((site, rows, vals))
-
-        def pick(x: Tensor) -> Tensor:
-            if at is None:
-                return x
-            if x.shape[1] == n_t:
-                return x[rows_all, at]
-            return x[:, -1]  # logits of the last position only
-
-        rec: dict[str, Any] = {"pre": [None] * p.n_layers, "z": [None] * p.n_layers}
-        rec.update(attn=[None] * p.n_layers, mlp=[None] * p.n_layers)
-
-        def put(x: Tensor, key: tuple[str, int], scale: float) -> Tensor:
-            entries = by.get(key)
-            if not entries:
-                return x
-            x = x.clone()
-            for _, rows, vals in entries:
-                x[rows, at[rows]] = (vals / scale).to(x.dtype)
-            return x
-
-        def block_pre(layer: int) -> Any:
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-                x = hidden_in(args, kwargs)
-                if layer == 0 and ("embed", -1) in by:
-                    x = put(x, ("embed", -1), 1.0)
-                    args, kwargs = with_hidden_in(args, kwargs, x)
-                rec["pre"][layer] = pick(x).clone()
-                return args, kwargs
-
-            return hook
-
-        def part(kind: str, layer: int, scale: float) -> Any:
-            def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-                y = put(first(output), (kind, layer), scale)
-                rec[kind][layer] = pick(y) * scale
-                return with_first(output, y)
-
-            return hook
-
-        def o_pre(layer: int) -> Any:
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                rec["z"][layer] = pick(hidden_in(args, kwargs)).clone()
-
-            return hook
-
-        def o_patch(layer: int, scale: float) -> Any:
-            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-                out = output.clone()
-                for site, rows, vals in by[("o_proj", layer)]:
-                    z = args[0][rows, at[rows]]
-                    own = head_terms(module, z, self.arch.n_heads)[:, site.head]
-                    out[rows, at[rows]] += (vals / scale).to(out.dtype) - own
-                return out
-
-            return hook
-
-        def final_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            rec["final"] = pick(hidden_in(args, kwargs)).clone()
-
-        def unembed_post(module: nn.Module, args: tuple, out: Any) -> None:
-            rec["unembedded"] = pick(first(out)).clone()
-
-        with self._lock, HookSet() as hooks, torch.no_grad():
-            for layer in range(p.n_layers):
-                alpha = p.alpha[layer]
-                hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
-                if p.o_proj is not None and (heads or ("o_proj", layer) in by):
-                    hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre(layer))
-                    if ("o_proj", layer) in by:
-                        hooks.post(
-                            p.o_proj[layer], f"patch.{layer}", o_patch(layer, p.alpha[layer])
-                        )
-                hooks.post(p.attn[layer], f"attn.{layer}", part("attn", layer, alpha))
-                hooks.post(p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer]))
-            final = p.final_norm.module
-            hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
-            hooks.post(p.readout.unembed, "unembed", unembed_post)
-            logits = call_model(self.model, tokens, last_only=last_only)
-            hooks.check()
-            head_vals = None
-            if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
-                head_vals = [
-                    head_terms(p.o_proj[lay], rec["z"][lay], p.n_heads) * p.alpha[lay]
-                    for lay in range(p.n_layers)
-                ]
-                for (kind, lay), entries in by.items():
-                    if kind != "o_proj":
-                        continue
-                    for site, rows, _ in entries:  # read the patched head back
-                        others = head_vals[lay][rows].sum(-2) - head_vals[lay][rows, site.head]
-                        head_vals[lay][rows, site.head] = rec["attn"][lay][rows] - others
-        return Trace(
-            embed=rec["pre"][0],
-            pre=rec["pre"],
-            attn=rec["attn"],
-            mlp=rec["mlp"],
-            heads=head_vals,
-            final=rec["final"],
-            unembedded=rec["unembedded"],
-            logits=pick(logits),
-        )
-
-    def _values(self, tr: Trace, granularity: Granularity) -> Tensor:
-        """The readout sites' values [B, R, d] of a trace taken at one position per row."""
-        cols = [tr.embed]
-        for layer in range(self.arch.n_layers):
-            if granularity == "head":
-                assert tr.heads is not None
-                cols += list(tr.heads[layer].unbind(-2))
-            else:
-                cols.append(tr.attn[layer])
-            cols.append(tr.mlp[layer])
-        return torch.stack(cols, dim=1)
-
-    def _centred(self, tr: Trace, token: int) -> Tensor:
-        pi = self.parts.readout.logit_scale * tr.unembedded.to(accumulation_dtype(self.dtype))
-        return pi[..., token] - pi.mean(-1)
+        """The model's hooked forward on ``tokens`` [B, T] (:func:`causalnet.adapters.trace.
+        record`): every site at the positions ``at`` [B] (None: all), with do(site = value)
+        for every ``(site, rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``."""
+        with self._lock:
+            return record(self, tokens, at, patches, heads, last_only)
 
     # ---- the sweep's interface --------------------------------------------------------------
     def clean_runs(
@@ -298,7 +186,7 @@ class GenericAdapter(ResidualAdapter):
             padded[b, : t + 1] = tokens[: t + 1]
         at = torch.tensor(ts, device=self.device)
         tr = self.record(padded, at=at, heads=self.parts.o_proj is not None)
-        values = self._values(tr, granularity)
+        values = site_values(tr, self.arch.n_layers, granularity)
         sigmas = self.final_scale(tr.final)
         acc = accumulation_dtype(self.dtype)
         n_l, d = self.arch.n_layers, self.arch.d_model
@@ -327,7 +215,7 @@ class GenericAdapter(ResidualAdapter):
                     readout_const=float(const),
                     site_values=values[b],
                     direct_effects=values[b].to(acc) @ w / sigmas[b],
-                    centred_logit=float(self._centred(tr, target)[b]),
+                    centred_logit=float(centred_logit(self, tr, target)[b]),
                     _resid_pre=pre,
                     _resid_mid=pre if self.arch.parallel_residual else pre + attn,
                     _attn=attn,
@@ -359,7 +247,9 @@ class GenericAdapter(ResidualAdapter):
                 padded[row, : len(toks[i])] = toks[i]
             last = torch.tensor([len(toks[i]) - 1 for i in batch], device=self.device)
             tr = self.record(padded, at=last, heads=granularity == "head")
-            out[torch.tensor(batch, device=self.device)] = self._values(tr, granularity)
+            out[torch.tensor(batch, device=self.device)] = site_values(
+                tr, self.arch.n_layers, granularity
+            )
             start = stop
         return out
 
@@ -398,33 +288,7 @@ class GenericAdapter(ResidualAdapter):
                 "cannot patch a whole attention layer in a head-granularity clean run: its heads "
                 "would have no values to read out; patch its heads or use granularity='layer'"
             )
-        t = clean.position
-        prompt = clean.tokens[: t + 1].to(self.device)
-        flat = values.reshape(n_s * n_p, d)
-        chunk = max(1, ROW_BUDGET // ((t + 1) * d * 8))
-        w, acc = clean.readout_dir, accumulation_dtype(self.dtype)
-        direct, sigma, centred = [], [], []
-        for start in range(0, n_s * n_p, chunk):
-            rows = torch.arange(start, min(start + chunk, n_s * n_p), device=self.device)
-            patches = []
-            for s_i, site in enumerate(parsed):
-                mine = rows[(rows // n_p) == s_i]
-                if len(mine):
-                    patches.append((site, mine - start, flat[mine]))
-            tokens = prompt[None].expand(len(rows), -1)
-            at = torch.full((len(rows),), t, device=self.device)
-            head = clean.granularity == "head"
-            tr = self.record(tokens, at=at, patches=patches, heads=head, last_only=True)
-            s = self.final_scale(tr.final)
-            direct.append(self._values(tr, clean.granularity).to(acc) @ w / s[:, None])
-            sigma.append(s)
-            centred.append(self._centred(tr, clean.target))
-        cent = torch.cat(centred).view(n_s, n_p)
-        return PatchedRun(
-            sites=[s.name for s in parsed],
-            readout_sites=list(clean.readout_sites),
-            direct_effects=torch.cat(direct).view(n_s, n_p, -1),
-            sigma=torch.cat(sigma).view(n_s, n_p),
-            centred_logit=cent,
-            total_effect=cent - clean.centred_logit,
-        )
+        with self._lock, torch.no_grad():
+            if self.fast_refusal is None:
+                return fast_patch(self, clean, parsed, values)
+            return reforward_patch(self, clean, parsed, values)

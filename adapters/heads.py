@@ -9,6 +9,7 @@ after it; :func:`find_o_proj` looks for one in the block and checks the sum nume
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,6 +26,36 @@ def head_terms(proj: nn.Module, z: Tensor, n_heads: int) -> Tensor:
     else:
         w = proj.weight.view(proj.weight.shape[0], n_heads, -1)  # [d, H, dh]
         out = (zh[..., None, :] * w.transpose(0, 1)).sum(-1)
+    if proj.bias is not None:
+        out = out + proj.bias / n_heads
+    return out
+
+
+def head_dots(proj: nn.Module, z: Tensor, n_heads: int, w: Tensor) -> Tensor:
+    """Each head's term of ``proj`` dotted with ``w`` [d], without the terms themselves:
+    z [N, H*dh] -> [N, H] (in ``w``'s dtype), equal to ``head_terms(proj, z, n_heads) @ w``."""
+    weight = proj.weight.to(w.dtype)
+    if isinstance(proj, Conv1D):
+        r = (weight @ w).view(n_heads, -1)  # [H, dh]
+    else:
+        r = (w @ weight).view(n_heads, -1)
+    out = (z.to(w.dtype).unflatten(-1, (n_heads, -1)) * r).sum(-1)
+    if proj.bias is not None:
+        out = out + float(proj.bias.to(w.dtype) @ w) / n_heads
+    return out
+
+
+def head_term(proj: nn.Module, z: Tensor, heads: Tensor, n_heads: int) -> Tensor:
+    """Row n's term of head ``heads[n]`` in ``proj``: z [N, H*dh], heads [N] -> [N, d] (the
+    entries of :func:`head_terms` picked per row, computed for those heads only)."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    zh = z.unflatten(-1, (n_heads, -1))[rows, heads]  # [N, dh]
+    if isinstance(proj, Conv1D):
+        w = proj.weight.view(n_heads, -1, proj.weight.shape[1])[heads]  # [N, dh, d]
+        out = (zh[..., None] * w).sum(-2)
+    else:
+        w = proj.weight.view(proj.weight.shape[0], n_heads, -1)[:, heads]  # [d, N, dh]
+        out = (zh[None] * w).sum(-1).T
     if proj.bias is not None:
         out = out + proj.bias / n_heads
     return out

@@ -1,0 +1,237 @@
+"""The layer-synchronous patch engine of a discovered decoder, on its own blocks at t.
+
+:func:`fast_patch` answers :meth:`causalnet.adapters.generic.GenericAdapter.patch` by replaying
+the model's blocks at the clean run's position t only (:mod:`causalnet.adapters.replay`). Rows
+(site s, patch p) are sorted by entry key e(s) = -1 (embed), 2l (attn.l or its heads), 2l + 1
+(mlp.l). At block l the rows with e <= 2l run the block: rows already running (e < 2l) with
+their own residual, rows entering at its attention (e = 2l) with the clean residual and their
+patched attention output (or head term) put in by a hook; the rows entering at its MLP
+(e = 2l + 1) do not run it: their output is the clean input + clean attention + the patched MLP
+value. ``num[r, j]`` accumulates c_j . w_i for readout site j of row r, starting from the clean
+values (sites below a row's entry are unchanged), and is divided by each row's own sigma.
+
+:func:`check_fast` compares the engine with the hooked re-forward
+(:func:`causalnet.adapters.trace.reforward_patch`) on a probe, every site patched, before the
+adapter uses it; a disagreement or an error is the recorded reason to fall back.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from causalnet.errors import CausalNetError, UnsupportedModelError
+from causalnet.sites import Site
+
+from .base import CleanRun, PatchedRun, accumulation_dtype, vocab_mean
+from .heads import head_dots, head_term
+from .hooks import HookSet, first, with_first
+from .replay import block_calls
+from .trace import reforward_patch
+
+#: Errors a model's own modules may raise on arguments they were not made for; caught only by
+#: :func:`check_fast`, which records them as the reason to fall back.
+MODULE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)
+
+
+class _Layer:
+    """What the hooks of one block call do: the rows that enter at its attention (whole
+    layer: ``attn_rows``/``attn_vals``; heads: ``head_rows``/``head_ids``/``head_vals``), and
+    what they record (attention and MLP values, the output projection's input)."""
+
+    def __init__(self) -> None:
+        self.set(None, None, None, None, None, 1.0)
+
+    def set(self, ar: Any, av: Any, hr: Any, hi: Any, hv: Any, alpha: float) -> None:
+        self.attn_rows, self.attn_vals, self.alpha = ar, av, alpha
+        self.head_rows, self.head_ids, self.head_vals = hr, hi, hv
+        self.attn: Tensor | None = None
+        self.mlp: Tensor | None = None
+        self.z: Tensor | None = None
+
+
+def _hooks(adapter: Any, hooks: HookSet, state: _Layer, want_z: bool) -> None:
+    p = adapter.parts
+
+    def o_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.z = (args[0] if args else next(iter(kwargs.values())))[:, 0].clone()
+
+    def o_post(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if state.head_rows is None:
+            return None
+        out = output.clone()
+        rows = state.head_rows
+        own = head_term(module, state.z[rows], state.head_ids, p.n_heads)
+        out[rows, 0] += (state.head_vals / state.alpha).to(out.dtype) - own
+        return out
+
+    def attn_post(module: nn.Module, args: tuple, output: Any) -> Any:
+        y = first(output)
+        if state.attn_rows is not None:
+            y = y.clone()
+            y[state.attn_rows, 0] = (state.attn_vals / state.alpha).to(y.dtype)
+            output = with_first(output, y)
+        state.attn = y[:, 0] * state.alpha
+        return output
+
+    def mlp_post(module: nn.Module, args: tuple, output: Any) -> None:
+        state.mlp = first(output)[:, 0].clone()  # Falcon adds to it in place
+
+    for layer in range(p.n_layers):
+        if p.o_proj is not None and want_z:
+            hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre)
+            hooks.post(p.o_proj[layer], f"patch.{layer}", o_post)
+        hooks.post(p.attn[layer], f"attn.{layer}", attn_post)
+        hooks.post(p.mlp[layer], f"mlp.{layer}", mlp_post)
+
+
+def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor) -> PatchedRun:
+    """do(site_s = values[s, p]) (checked [S, P, d] in the model's dtype) at the clean run's
+    position t, every row at once on the model's own blocks (module docstring)."""
+    p = adapter.parts
+    n_sites, n_patch, d = values.shape
+    n_rows = n_sites * n_patch
+    dev = values.device
+    col = {name: j for j, name in enumerate(clean.readout_sites)}
+    head_gran = clean.granularity == "head"
+    acc = accumulation_dtype(values.dtype)
+    w = clean.readout_dir.to(acc)
+
+    def dot(x: Tensor) -> Tensor:
+        return x.to(acc) @ w
+
+    keys = [-1 if s.kind == "embed" else 2 * s.layer + (s.kind == "mlp") for s in parsed]
+    order = sorted(range(n_sites), key=keys.__getitem__)
+    sorted_keys = [keys[i] for i in order]
+    order_t = torch.tensor(order, device=dev)
+    vals = values[order_t].reshape(n_rows, d)
+    row_head = torch.tensor([parsed[i].head for i in order], device=dev).repeat_interleave(n_patch)
+
+    def bound(k: int) -> int:
+        return bisect.bisect_left(sorted_keys, k) * n_patch
+
+    calls = block_calls(adapter, clean.tokens[: clean.position + 1].to(dev))
+    cap = calls.one
+    num = dot(clean.site_values).expand(n_rows, -1).clone()
+    vals_w = dot(vals)
+    z = torch.empty(n_rows, d, dtype=values.dtype, device=dev)
+    n_embed = bound(0)
+    z[:n_embed] = vals[:n_embed]
+    num[:n_embed, col["embed"]] = vals_w[:n_embed]
+    state = _Layer()
+    ran: list[str] = []  # the hooks that must have fired
+    want_z = head_gran or any(s.kind == "head" for s in parsed)
+    with HookSet() as hooks, torch.no_grad():
+        _hooks(adapter, hooks, state, want_z)
+        for layer in range(p.n_layers):
+            run, a_end, m_end = bound(2 * layer), bound(2 * layer + 1), bound(2 * layer + 2)
+            if m_end == 0:
+                continue
+            if a_end > 0:
+                ent = slice(run, a_end)
+                heads = row_head[ent]
+                is_head = heads >= 0
+                ar = torch.arange(run, a_end, device=dev)
+                whole = ar[~is_head]
+                hrows = ar[is_head]
+                state.set(
+                    whole if len(whole) else None,
+                    vals[whole] if len(whole) else None,
+                    hrows if len(hrows) else None,
+                    heads[is_head] if len(hrows) else None,
+                    vals[hrows] if len(hrows) else None,
+                    p.alpha[layer],
+                )
+                z[ent] = cap.pre[layer]
+                z[:a_end] = calls(layer, z[:a_end])
+                ran += [f"attn.{layer}", f"mlp.{layer}"] + [f"o_proj.{layer}"] * want_z
+                assert state.attn is not None and state.mlp is not None
+                if head_gran:
+                    hcol = col[f"attn.{layer}.h0"]
+                    assert state.z is not None
+                    dots = head_dots(p.o_proj[layer], state.z, p.n_heads, w) * p.alpha[layer]
+                    num[:a_end, hcol : hcol + p.n_heads] = dots
+                    num[hrows, hcol + heads[is_head]] = vals_w[hrows]
+                else:
+                    num[:a_end, col[f"attn.{layer}"]] = dot(state.attn)
+                num[:a_end, col[f"mlp.{layer}"]] = dot(state.mlp * p.beta[layer])
+            if m_end > a_end:  # rows entering at this layer's MLP skip the block
+                z[a_end:m_end] = cap.pre[layer] + cap.attn[layer] + vals[a_end:m_end]
+                num[a_end:m_end, col[f"mlp.{layer}"]] = vals_w[a_end:m_end]
+        hooks.check(ran)
+        sigma = adapter.final_scale(z)
+        direct = num / sigma[:, None]
+        centred = _centred(adapter, z, clean.target)
+    inv = torch.argsort(order_t)
+    n_read = len(clean.readout_sites)
+    centred = centred.view(n_sites, n_patch)[inv]
+    return PatchedRun(
+        sites=[s.name for s in parsed],
+        readout_sites=list(clean.readout_sites),
+        direct_effects=direct.view(n_sites, n_patch, n_read)[inv],
+        sigma=sigma.view(n_sites, n_patch)[inv],
+        centred_logit=centred,
+        total_effect=centred - clean.centred_logit,
+    )
+
+
+def _centred(adapter: Any, z: Tensor, token: int) -> Tensor:
+    """The centred logit of ``token`` (before any cap) from final residuals z [N, d]: the model's
+    final norm module, then s * (the unembedding row of ``token`` - the mean row) and bias."""
+    ro, norm = adapter.parts.readout, adapter.parts.final_norm
+    acc = accumulation_dtype(z.dtype)
+    x = z if norm.module is None else norm.module(z[:, None])[:, 0]
+    u = (ro.weight[token] - vocab_mean(ro.weight)).to(acc)
+    out = x.to(acc) @ u
+    if ro.bias is not None:
+        out = out + (ro.bias[token].to(acc) - ro.bias.to(acc).mean())
+    return out * ro.logit_scale
+
+
+def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) -> tuple:
+    """(None, error) if :func:`fast_patch` agrees with the hooked re-forward on ``tokens`` [T]
+    within 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred logit|) for every site
+    (layer granularity; heads of the first and last layer where there are heads), else
+    (why not, error or None)."""
+    grans = ["layer"] + (["head"] if adapter.head_refusal is None else [])
+    worst = 0.0
+    atol = 1e-9 if adapter.dtype == torch.float64 else 1e-4
+    gen = torch.Generator().manual_seed(seed)
+    for gran in grans:
+        try:
+            clean = adapter.clean_run(tokens, gran)
+        except CausalNetError as err:  # e.g. head granularity refused by the base
+            if gran == "layer":
+                raise
+            del err
+            continue
+        sites = adapter.sites(gran)
+        if gran == "head":
+            last = adapter.arch.n_layers - 1
+            sites = [s for s in sites if s.startswith(("attn.0.", f"attn.{last}."))]
+        parsed = [adapter.site(s) for s in sites]
+        base = torch.stack([clean.value(s) for s in sites]).double()
+        noise = torch.randn(len(sites), n_patches, base.shape[-1], generator=gen).double()
+        scale = base.abs().amax(-1, keepdim=True)[:, None]
+        values = (base[:, None] + noise * scale).to(adapter.dtype).to(adapter.device)
+        want = reforward_patch(adapter, clean, parsed, values)
+        try:
+            got = fast_patch(adapter, clean, parsed, values)
+        except (UnsupportedModelError, *MODULE_ERRORS) as err:
+            return f"fast patching failed on the probe: {type(err).__name__}: {err}", None
+        diff = max(
+            float((got.centred_logit - want.centred_logit).abs().max()),
+            float((got.sigma - want.sigma).abs().max()),
+            float((got.direct_effects - want.direct_effects).abs().max()),
+        ) / max(1.0, abs(clean.centred_logit))
+        worst = max(worst, diff)
+        if diff > atol:
+            return (
+                f"fast patching disagrees with the hooked re-forward on the probe by {diff:.2e} "
+                f"({gran} granularity; tolerance {atol:g})",
+                diff,
+            )
+    return None, worst

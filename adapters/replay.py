@@ -1,0 +1,271 @@
+"""Fast patching of a discovered decoder: its own blocks replayed at the final position only.
+
+An intervention at position t changes nothing before t, so the keys and values of the earlier
+positions are those of the clean run. :func:`capture` runs the model's OWN forward twice with
+its OWN cache (transformers ``Cache``): on the prompt before t, then on the token at t, and
+records what each decoder block was called with (masks, rotary or ALiBi tensors, position ids:
+whatever the model passes), the keys and values each attention layer's ``cache.update``
+returned for the earlier positions (a sliding window already applied by the model's cache),
+and the clean residual, attention and MLP values at t.
+
+:func:`replay_patch` then calls the blocks themselves, layer by layer, on rows [N, 1, d] at t:
+every (site, patch) row of the prompt in one batch that grows as the layers go up (rows sorted by
+the layer they enter at, as in :meth:`causalnet.adapters.base.TransformerAdapter.patch`). Each
+block gets the captured arguments and a :class:`FrozenCache` whose ``update`` returns the clean
+earlier keys/values followed by the rows' own, so grouped / multi-query KV heads, sliding
+windows, rotary variants, ALiBi and MoE routing (each row routed by its own input) are computed
+by the model's own modules. do(site = v) is applied by hooks on the discovered modules, as in
+:mod:`causalnet.adapters.trace`. The vocabulary projection is never computed: the centred logit
+is the final norm's output (the model's module) dotted with the centred unembedding row.
+
+Arguments that depend on the batch size are found by capturing at batch 1 and 2 and tiled to
+N rows; anything else that differs (or a block that gets no transformers Cache) is refused
+with the reason, and the adapter falls back to :func:`causalnet.adapters.trace.reforward_patch`
+(:func:`causalnet.adapters.fastcheck.check_fast` decides, on a probe, before use).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache
+
+from causalnet.errors import UnsupportedModelError
+
+from .hooks import HookSet, first, hidden_in, rel_err, tolerance, with_hidden_in
+
+_HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
+_CACHE = object()  # where the cache goes
+
+
+class FrozenCache(Cache):
+    """The clean run's cache, frozen: ``update(k, v, layer)`` returns the captured earlier keys
+    and values (batch 1, expanded to the rows) followed by the rows' own ``k``, ``v``, and
+    stores nothing. Every other attribute is the prefix cache's (as the model saw it)."""
+
+    def __init__(self, base: Any, prefix: dict[int, tuple[Tensor, Tensor]]) -> None:
+        self.__dict__["_base"] = base
+        self.__dict__["_prefix"] = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_base"], name)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kw: Any
+    ) -> tuple[Tensor, Tensor]:
+        prefix = self.__dict__["_prefix"]
+        if layer_idx not in prefix:
+            raise UnsupportedModelError(f"attention layer {layer_idx} updated no cache at t")
+        k, v = prefix[layer_idx]
+        n = key_states.shape[0]
+        return (
+            torch.cat([k.expand(n, *k.shape[1:]), key_states], dim=-2),
+            torch.cat([v.expand(n, *v.shape[1:]), value_states], dim=-2),
+        )
+
+
+@dataclass
+class Capture:
+    """The model's own forward at position t with its cache (module docstring), at one batch
+    size: per block the arguments (``_HIDDEN`` / ``_CACHE`` placeholders) and the clean values
+    at t of its input, attention part and MLP part (times alpha / beta) [L, d]."""
+
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    prefix: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    cache: Any = None  # the prefix cache before position t (a copy)
+    pre: Tensor | None = None
+    attn: Tensor | None = None
+    mlp: Tensor | None = None
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise UnsupportedModelError(
+        f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
+    )
+
+
+def _is_cache(x: Any) -> bool:
+    return isinstance(x, Cache)
+
+
+def _mark(x: Any, live: Any) -> Any:
+    """``x`` with the live cache object replaced by ``_CACHE`` (in tuples, lists, dicts)."""
+    if x is live:
+        return _CACHE
+    if isinstance(x, (tuple, list)):
+        return type(x)(_mark(y, live) for y in x)
+    if isinstance(x, dict):
+        return {k: _mark(y, live) for k, y in x.items()}
+    return x
+
+
+def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
+    """The model's forward on ``prompt[:-1]`` (its cache) then ``prompt[-1]`` with every block's
+    arguments recorded, ``batch`` identical rows (module docstring)."""
+    p = adapter.parts
+    model = adapter.model
+    cap = Capture()
+    n_layers = p.n_layers
+    cap.args, cap.kwargs = [()] * n_layers, [{}] * n_layers
+    vals: dict[str, list[Any]] = {"pre": [None] * n_layers, "attn": [None] * n_layers}
+    vals["mlp"] = [None] * n_layers
+    live: dict[str, Any] = {}
+
+    def recording_update(cache: Any) -> Callable:
+        update = type(cache).update
+
+        def wrapped(k: Tensor, v: Tensor, layer_idx: int, *a: Any, **kw: Any) -> Any:
+            keys, values = update(cache, k, v, layer_idx, *a, **kw)
+            if layer_idx in cap.prefix:
+                raise UnsupportedModelError(f"the cache of layer {layer_idx} was updated twice")
+            if not (torch.equal(keys[..., -1:, :], k) and torch.equal(values[..., -1:, :], v)):
+                raise UnsupportedModelError(
+                    f"the cache of layer {layer_idx} does not return the new keys/values last"
+                )
+            cap.prefix[layer_idx] = (keys[:1, ..., :-1, :].clone(), values[:1, ..., :-1, :].clone())
+            return keys, values
+
+        return wrapped
+
+    def block_pre(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            caches = [x for x in (*args, *kwargs.values()) if _is_cache(x)]
+            if len(caches) != 1:
+                raise UnsupportedModelError(
+                    f"block {p.block_names[layer]} gets {len(caches)} transformers caches, not one"
+                )
+            if layer == 0:
+                live["cache"] = caches[0]
+                cap.cache = copy.deepcopy(caches[0])
+                caches[0].update = recording_update(caches[0])
+            elif caches[0] is not live["cache"]:
+                raise UnsupportedModelError(f"block {p.block_names[layer]} gets another cache")
+            x = hidden_in(args, kwargs)
+            vals["pre"][layer] = x[0, -1].clone()
+            placeholder = x.new_empty(0)
+            a, k = with_hidden_in(args, kwargs, placeholder)
+            a = tuple(_HIDDEN if y is placeholder else _mark(y, live["cache"]) for y in a)
+            k = {n: _HIDDEN if y is placeholder else _mark(y, live["cache"]) for n, y in k.items()}
+            cap.args[layer], cap.kwargs[layer] = a, k
+
+        return hook
+
+    def part(kind: str, layer: int, scale: float) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            vals[kind][layer] = first(output)[0, -1] * scale
+
+        return hook
+
+    key = _cache_keyword(model)
+    toks = prompt[None].expand(batch, -1)
+    with torch.no_grad():
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if prompt.shape[0] > 1:
+            out = model(input_ids=toks[:, :-1], use_cache=True)
+            cache = out.get(key) if hasattr(out, "get") else None
+            if not _is_cache(cache):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} returned no transformers Cache ({type(cache)})"
+                )
+            kwargs[key] = cache
+        with HookSet() as hooks:
+            for layer in range(n_layers):
+                hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
+                hooks.post(p.attn[layer], f"attn.{layer}", part("attn", layer, p.alpha[layer]))
+                hooks.post(p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer]))
+            model(input_ids=toks[:, -1:], **kwargs)
+            hooks.check()
+    if "cache" in live:
+        del live["cache"].update  # the instance attribute; the class's method is back
+    cap.pre, cap.attn, cap.mlp = (torch.stack(vals[k]) for k in ("pre", "attn", "mlp"))
+    return cap
+
+
+def _tiler(x1: Any, x2: Any, where: str) -> Callable[[int], Any]:
+    """How a captured argument scales to n rows: captured at batch 1 (``x1``) and 2 (``x2``)."""
+    if x1 is _HIDDEN or x1 is _CACHE:
+        if x2 is not x1:
+            raise UnsupportedModelError(f"{where}: the arguments differ between batch sizes")
+        return lambda n: x1
+    if isinstance(x1, Tensor):
+        if not isinstance(x2, Tensor):
+            raise UnsupportedModelError(f"{where}: a tensor at batch 1 only")
+        tol = tolerance(x1.dtype) if x1.is_floating_point() else 0.0
+        if x1.shape == x2.shape:
+            if rel_err(x2, x1) > tol:
+                raise UnsupportedModelError(f"{where} {tuple(x1.shape)} depends on the batch")
+            return lambda n: x1
+        reps = (2,) + (1,) * (x1.ndim - 1)
+        if x1.ndim and x2.shape[1:] == x1.shape[1:] and rel_err(x2, x1.repeat(*reps)) <= tol:
+            if x1.shape[0] == 1:
+                return lambda n: x1.expand(n, *x1.shape[1:])
+            return lambda n: x1.repeat(n, *reps[1:])
+        raise UnsupportedModelError(
+            f"{where} has shape {tuple(x1.shape)} at batch 1 and {tuple(x2.shape)} at batch 2"
+        )
+    if isinstance(x1, (tuple, list)) and type(x2) is type(x1) and len(x1) == len(x2):
+        parts = [_tiler(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(x1, x2, strict=True))]
+        return lambda n: type(x1)(f(n) for f in parts)
+    if isinstance(x1, dict) and isinstance(x2, dict) and x1.keys() == x2.keys():
+        items = {k: _tiler(x1[k], x2[k], f"{where}.{k}") for k in x1}
+        return lambda n: {k: f(n) for k, f in items.items()}
+    if type(x1) is not type(x2) or (isinstance(x1, (int, float, str, bool)) and x1 != x2):
+        raise UnsupportedModelError(f"{where}: {x1!r} at batch 1, {x2!r} at batch 2")
+    return lambda n: x1
+
+
+def _fill(x: Any, hidden: Tensor, cache: FrozenCache) -> Any:
+    if x is _HIDDEN:
+        return hidden
+    if x is _CACHE:
+        return cache
+    if isinstance(x, (tuple, list)):
+        return type(x)(_fill(y, hidden, cache) for y in x)
+    if isinstance(x, dict):
+        return {k: _fill(y, hidden, cache) for k, y in x.items()}
+    return x
+
+
+class BlockCalls:
+    """Each block's call on n rows from the captures at batch 1 and 2 (arguments tiled)."""
+
+    def __init__(self, adapter: Any, one: Capture, two: Capture) -> None:
+        names = adapter.parts.block_names
+        self.one = one
+        self.blocks = adapter.parts.blocks
+        self.args = [
+            _tiler(a1, a2, f"block {names[i]} argument")
+            for i, (a1, a2) in enumerate(zip(one.args, two.args, strict=True))
+        ]
+        self.kwargs = [
+            _tiler(k1, k2, f"block {names[i]} keyword")
+            for i, (k1, k2) in enumerate(zip(one.kwargs, two.kwargs, strict=True))
+        ]
+        self.cache = FrozenCache(one.cache, one.prefix)
+
+    def __call__(self, layer: int, resid: Tensor) -> Tensor:
+        """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
+        n = resid.shape[0]
+        hidden = resid[:, None, :].clone()  # a block may write to its input
+        args = _fill(self.args[layer](n), hidden, self.cache)
+        kwargs = _fill(self.kwargs[layer](n), hidden, self.cache)
+        out = first(self.blocks[layer](*args, **kwargs))
+        if out is None or out.shape != hidden.shape:
+            raise UnsupportedModelError(f"block {layer} returned no [n, 1, d] hidden states")
+        return out[:, 0]
+
+
+def block_calls(adapter: Any, prompt: Tensor) -> BlockCalls:
+    """:class:`BlockCalls` for ``prompt`` [t + 1] (captured at batch 1 and 2)."""
+    return BlockCalls(adapter, capture(adapter, prompt, 1), capture(adapter, prompt, 2))

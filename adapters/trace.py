@@ -1,0 +1,226 @@
+"""The hooked forward of a discovered decoder, and patching by batched hooked re-forwards.
+
+:func:`record` runs the model's OWN forward with hooks on the discovered modules
+(:class:`causalnet.adapters.discover.Decomposition`) and returns every site's value
+(:class:`Trace`), optionally with do(site = value) at one position per row:
+
+- ``embed`` = the first block's input; ``attn.l`` = alpha_l * (the attention part's output);
+  ``mlp.l`` = beta_l * (the MLP part's output); ``attn.l.hH`` = alpha_l * head H's term of the
+  output projection (:mod:`causalnet.adapters.heads`);
+- do(site = v) at position t replaces that output at t (by v / alpha_l); a head's term is
+  replaced inside the output projection's output.
+
+:func:`reforward_patch` is the patch engine of last resort (and the fast engine's reference,
+:mod:`causalnet.adapters.replay`): the prompt re-run in full for every (site, patch) row, rows
+batched in chunks. Hooks are global to the modules, so the caller holds the adapter's lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from causalnet.sites import Site
+
+from .base import CleanRun, Granularity, PatchedRun, accumulation_dtype
+from .heads import head_terms
+from .hooks import HookSet, call_model, first, hidden_in, with_first, with_hidden_in
+
+ROW_BUDGET = 1 << 25  # rows * tokens * d of one patch forward
+
+
+@dataclass
+class Trace:
+    """One hooked forward, every value at the chosen positions ([B, ...] with ``at``, else
+    [B, T, ...]). ``attn``/``mlp``/``pre`` hold one entry per layer; ``heads`` [.., H, d]."""
+
+    embed: Tensor
+    pre: list[Tensor]
+    attn: list[Tensor]
+    mlp: list[Tensor]
+    heads: list[Tensor] | None
+    final: Tensor
+    unembedded: Tensor
+    logits: Tensor
+
+
+def record(
+    adapter: Any,
+    tokens: Tensor,
+    at: Tensor | None = None,
+    patches: list[tuple[Site, Tensor, Tensor]] | None = None,
+    heads: bool = False,
+    last_only: bool = False,
+) -> Trace:
+    """Run ``adapter``'s model on ``tokens`` [B, T] with do(site = value) for every ``(site,
+    rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``, recording every site at
+    the positions ``at`` [B] (None: all positions)."""
+    p = adapter.parts
+    n_b, n_t = tokens.shape
+    rows_all = torch.arange(n_b, device=tokens.device)
+    by: dict[tuple[str, int], list[tuple[Site, Tensor, Tensor]]] = {}
+    for site, rows, vals in patches or []:
+        kind = "o_proj" if site.kind == "head" else site.kind
+        by.setdefault((kind, site.layer), []).append((site, rows, vals))
+
+    def pick(x: Tensor) -> Tensor:
+        if at is None:
+            return x
+        if x.shape[1] == n_t:
+            return x[rows_all, at]
+        return x[:, -1]  # logits of the last position only
+
+    rec: dict[str, Any] = {"pre": [None] * p.n_layers, "z": [None] * p.n_layers}
+    rec.update(attn=[None] * p.n_layers, mlp=[None] * p.n_layers)
+
+    def put(x: Tensor, key: tuple[str, int], scale: float) -> Tensor:
+        entries = by.get(key)
+        if not entries:
+            return x
+        x = x.clone()
+        for _, rows, vals in entries:
+            x[rows, at[rows]] = (vals / scale).to(x.dtype)
+        return x
+
+    def block_pre(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = hidden_in(args, kwargs)
+            if layer == 0 and ("embed", -1) in by:
+                x = put(x, ("embed", -1), 1.0)
+                args, kwargs = with_hidden_in(args, kwargs, x)
+            rec["pre"][layer] = pick(x).clone()
+            return args, kwargs
+
+        return hook
+
+    def part(kind: str, layer: int, scale: float) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            y = put(first(output), (kind, layer), scale)
+            rec[kind][layer] = pick(y) * scale
+            return with_first(output, y)
+
+        return hook
+
+    def o_pre(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            rec["z"][layer] = pick(hidden_in(args, kwargs)).clone()
+
+        return hook
+
+    def o_patch(layer: int, scale: float) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            out = output.clone()
+            for site, rows, vals in by[("o_proj", layer)]:
+                z = args[0][rows, at[rows]]
+                own = head_terms(module, z, p.n_heads)[:, site.head]
+                out[rows, at[rows]] += (vals / scale).to(out.dtype) - own
+            return out
+
+        return hook
+
+    def final_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        rec["final"] = pick(hidden_in(args, kwargs)).clone()
+
+    def unembed_post(module: nn.Module, args: tuple, out: Any) -> None:
+        rec["unembedded"] = pick(first(out)).clone()
+
+    with HookSet() as hooks, torch.no_grad():
+        for layer in range(p.n_layers):
+            alpha = p.alpha[layer]
+            hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
+            if p.o_proj is not None and (heads or ("o_proj", layer) in by):
+                hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre(layer))
+                if ("o_proj", layer) in by:
+                    hooks.post(p.o_proj[layer], f"patch.{layer}", o_patch(layer, alpha))
+            hooks.post(p.attn[layer], f"attn.{layer}", part("attn", layer, alpha))
+            hooks.post(p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer]))
+        final = p.final_norm.module
+        hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
+        hooks.post(p.readout.unembed, "unembed", unembed_post)
+        logits = call_model(adapter.model, tokens, last_only=last_only)
+        hooks.check()
+        head_vals = None
+        if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
+            head_vals = [
+                head_terms(p.o_proj[lay], rec["z"][lay], p.n_heads) * p.alpha[lay]
+                for lay in range(p.n_layers)
+            ]
+            for (kind, lay), entries in by.items():
+                if kind != "o_proj":
+                    continue
+                for site, rows, _ in entries:  # read the patched head back
+                    others = head_vals[lay][rows].sum(-2) - head_vals[lay][rows, site.head]
+                    head_vals[lay][rows, site.head] = rec["attn"][lay][rows] - others
+    return Trace(
+        embed=rec["pre"][0],
+        pre=rec["pre"],
+        attn=rec["attn"],
+        mlp=rec["mlp"],
+        heads=head_vals,
+        final=rec["final"],
+        unembedded=rec["unembedded"],
+        logits=pick(logits),
+    )
+
+
+def site_values(tr: Trace, n_layers: int, granularity: Granularity) -> Tensor:
+    """The readout sites' values [B, R, d] of a trace taken at one position per row."""
+    cols = [tr.embed]
+    for layer in range(n_layers):
+        if granularity == "head":
+            assert tr.heads is not None
+            cols += list(tr.heads[layer].unbind(-2))
+        else:
+            cols.append(tr.attn[layer])
+        cols.append(tr.mlp[layer])
+    return torch.stack(cols, dim=1)
+
+
+def centred_logit(adapter: Any, tr: Trace, token: int) -> Tensor:
+    """The model's centred logit of ``token`` (before any soft-cap) per row of a trace [B]."""
+    pi = adapter.parts.readout.logit_scale * tr.unembedded.to(accumulation_dtype(adapter.dtype))
+    return pi[..., token] - pi.mean(-1)
+
+
+def reforward_patch(
+    adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
+) -> PatchedRun:
+    """do(site_s = values[s, p]) (checked [S, P, d] in the model's dtype) at the clean run's
+    position t for every (s, p): a batched hooked re-forward of the prompt, each row read out
+    at its own final scale (Eq 13), its centred logit the model's own and its total effect
+    against the clean run (Eq 12)."""
+    n_s, n_p, d = values.shape
+    t = clean.position
+    prompt = clean.tokens[: t + 1].to(adapter.device)
+    flat = values.reshape(n_s * n_p, d)
+    chunk = max(1, ROW_BUDGET // ((t + 1) * d * 8))
+    w, acc = clean.readout_dir, accumulation_dtype(adapter.dtype)
+    head = clean.granularity == "head"
+    direct, sigma, centred = [], [], []
+    for start in range(0, n_s * n_p, chunk):
+        rows = torch.arange(start, min(start + chunk, n_s * n_p), device=adapter.device)
+        patches = []
+        for s_i, site in enumerate(parsed):
+            mine = rows[(rows // n_p) == s_i]
+            if len(mine):
+                patches.append((site, mine - start, flat[mine]))
+        tokens = prompt[None].expand(len(rows), -1)
+        at = torch.full((len(rows),), t, device=adapter.device)
+        tr = record(adapter, tokens, at=at, patches=patches, heads=head, last_only=True)
+        s = adapter.final_scale(tr.final)
+        vals = site_values(tr, adapter.arch.n_layers, clean.granularity)
+        direct.append(vals.to(acc) @ w / s[:, None])
+        sigma.append(s)
+        centred.append(centred_logit(adapter, tr, clean.target))
+    cent = torch.cat(centred).view(n_s, n_p)
+    return PatchedRun(
+        sites=[s.name for s in parsed],
+        readout_sites=list(clean.readout_sites),
+        direct_effects=torch.cat(direct).view(n_s, n_p, -1),
+        sigma=torch.cat(sigma).view(n_s, n_p),
+        centred_logit=cent,
+        total_effect=cent - clean.centred_logit,
+    )
