@@ -374,3 +374,39 @@ def test_chunk_packages_are_joined_once_and_checked_by_sha256(monkeypatch, tmp_p
     with pytest.raises(ModelError, match=r"sha256.*reinstall with: pip install fake==1"):
         L.gguf_path(wrong)
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # nothing half-written is left
+
+
+def test_a_head_granularity_sweep_on_gemma_keeps_the_exact_identity(tmp_path) -> None:
+    """The protocol's path (pool of shares, leave-one-out mean ablation, patch, bookkeeping) on
+    every head and MLP site: each row's total effect = Delta_DE(self) + CE + Delta_DE(upstream),
+    the other heads of the ablated layer booked as upstream (float64 model, float32 norms)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from causalnet.hydra.config import SweepConfig
+    from causalnet.hydra.store import ResultsStore
+    from causalnet.hydra.sweep import run_sweep
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    adapter = adapt(
+        build(torch.float64, vocab_size=256), PreTrainedTokenizerFast(tokenizer_object=tok)
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"id": i, "prompt": f"City {i} is in", "attribute": "Paris"} for i in range(6)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = SweepConfig(model="tiny-gemma", prompts=str(prompts), k=3, granularity="head")
+    out = run_sweep(config, tmp_path / "r", adapter=adapter, progress=False)
+    effects = ResultsStore(out).load_effects()
+    assert len(effects) == 6 * 15 and set(effects["kind"]) == {"head", "mlp"}
+    residual = effects["total_effect"] - (
+        (effects["direct_effect_ablated_self"] - effects["direct_effect"])
+        + effects["compensatory_effect"]
+        + effects["delta_de_upstream"]
+    )
+    assert residual.abs().max() < 1e-5  # measured 3e-7: Gemma's norms round to float32
+    assert effects["total_effect"].abs().max() > 1e-2  # the ablations did something
