@@ -8,7 +8,9 @@ For each prompt x (one cached clean run, then one batched patched pass):
    centred target logit (total effect, Eq 12) and every readout site's direct effect at the
    run's own final scale (Eq 13);
 4. Delta_DE, the compensatory effect and its attention/MLP split (Eqs 33, 34), via
-   :func:`causalnet.hydra.protocol.decompose`.
+   :func:`causalnet.hydra.protocol.decompose`; the repair split into value and scale parts and
+   the total effect at the clean sigma (:func:`~causalnet.hydra.protocol.split_repair`,
+   :func:`~causalnet.hydra.protocol.total_at_clean_sigma`), per row and per patch.
 
 :func:`plan_sweep` builds what every prompt shares (a :class:`SweepPlan`: prompts, tokens,
 sites and the ablation pool, :mod:`causalnet.hydra.pool`); :func:`compute_prompt` computes one
@@ -33,7 +35,7 @@ from ..sites import parse_site
 from .config import SweepConfig, site_patterns
 from .data import Prompt, PromptId, check_lengths, load_prompts
 from .pool import ablation_values, build_pool
-from .protocol import decompose
+from .protocol import RepairSplit, decompose, split_repair, total_at_clean_sigma
 
 if TYPE_CHECKING:
     from ..adapters import CleanRun, PatchedRun, TransformerAdapter
@@ -57,13 +59,15 @@ class SweepPlan:
 
 @dataclass
 class PromptRows:
-    """One prompt's rows: effects, readouts, and (for figure prompts) per-patch readouts."""
+    """One prompt's rows: effects, readouts, (for figure prompts) per-patch readouts, and the
+    per-patch effects of every site (``patch_effects``, kept for every prompt)."""
 
     index: int
     prompt_id: PromptId
     effects: pd.DataFrame
     readouts: pd.DataFrame
     patches: pd.DataFrame | None
+    patch_effects: pd.DataFrame | None = None
 
 
 def select_sites(all_sites: list[str], spec: str | None) -> list[str]:
@@ -141,10 +145,10 @@ def compute_prompt(
     values, source_rows = ablation_values(config, plan.pool, index)
     patched = adapter.patch(clean, plan.sites, values.to(clean.site_values.dtype))
     source_ids = [plan.prompts[j].id for j in source_rows]
-    effects, readouts, patches = prompt_tables(
+    effects, readouts, patches, patch_effects = prompt_tables(
         adapter, prompt, clean, patched, plan.sites, plan.readout_sites, source_ids, keep_patches
     )
-    return PromptRows(index, prompt.id, effects, readouts, patches)
+    return PromptRows(index, prompt.id, effects, readouts, patches, patch_effects)
 
 
 def prompt_tables(
@@ -156,9 +160,10 @@ def prompt_tables(
     readout_sites: list[str],
     source_ids: list[PromptId],
     keep_patches: bool = False,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """The rows of one prompt: effects (per site), readouts (per site and readout) and, with
-    ``keep_patches``, per-patch readouts (Figure 1)."""
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
+    """The rows of one prompt: effects (per site), readouts (per site and readout), with
+    ``keep_patches`` per-patch readouts (Figure 1), and per-patch effects (per site and patch:
+    the total effect, the ablated site's own direct effect and the repair split)."""
     dec = decompose(
         sites,
         readout_sites,
@@ -166,6 +171,23 @@ def prompt_tables(
         patched.direct_effects.double().cpu(),
         patched.total_effect.double().cpu(),
         adapter.arch.parallel_residual,
+    )
+    split = split_repair(
+        sites,
+        readout_sites,
+        clean.direct_effects.double().cpu(),
+        patched.direct_effects.double().cpu(),
+        float(clean.sigma),
+        patched.sigma.double().cpu(),
+        dec.total,
+        adapter.arch.parallel_residual,
+    )
+    te_sigma = total_at_clean_sigma(
+        patched.centred_logit.double().cpu(),
+        float(clean.centred_logit),
+        float(clean.readout_const),
+        float(clean.sigma),
+        patched.sigma.double().cpu(),
     )
     target = int(clean.target)
     true_token = attribute_first_token(adapter, prompt.attribute)
@@ -194,9 +216,25 @@ def prompt_tables(
             "delta_de_upstream": dec.delta_upstream.mean(1).numpy(),
             "clean_centred_logit": float(clean.centred_logit),
             "sources": ",".join(str(s) for s in source_ids),
+            **{name: part.mean(1).numpy() for name, part in _repair_columns(split, te_sigma)},
         }
     )
     n_s, n_p, n_r = de_abl.shape
+    patch_sources = source_ids if source_ids else list(range(n_p))
+    patch_effects = pd.DataFrame(
+        {
+            "prompt_id": [prompt.id] * (n_s * n_p),
+            "site": [s for s in sites for _ in range(n_p)],
+            "patch": [p for _ in range(n_s) for p in range(n_p)],
+            "source_id": [str(patch_sources[p]) for _ in range(n_s) for p in range(n_p)],
+            "total_effect": dec.total.reshape(-1).numpy(),
+            "direct_effect_ablated_self": (dec.delta_self + de_clean[_self_index(sites, r_index)])
+            .reshape(-1)
+            .numpy(),
+            **{name: part.reshape(-1).numpy() for name, part in _repair_columns(split, te_sigma)},
+            "sigma_ratio": split.sigma_ratio.reshape(-1).numpy(),
+        }
+    )
     readouts = pd.DataFrame(
         {
             "prompt_id": [prompt.id] * (n_s * n_r),
@@ -208,8 +246,7 @@ def prompt_tables(
         }
     )
     if not keep_patches:
-        return effects, readouts, None
-    patch_sources = source_ids if source_ids else list(range(n_p))
+        return effects, readouts, None, patch_effects
     patches = pd.DataFrame(
         {
             "prompt_id": [prompt.id] * (n_s * n_p * n_r),
@@ -222,7 +259,23 @@ def prompt_tables(
             "direct_effect_ablated": de_abl.reshape(-1).numpy(),
         }
     )
-    return effects, readouts, patches
+    return effects, readouts, patches, patch_effects
+
+
+def _repair_columns(split: RepairSplit, te_sigma: Tensor) -> list[tuple[str, Tensor]]:
+    """The repair columns of the effects and patch-effects tables, [S, P] each."""
+    return [
+        ("repair_attn", split.repair_attn),
+        ("repair_mlp", split.repair_mlp),
+        ("repair_norm", split.repair_norm),
+        ("repair_sibling", split.repair_sibling),
+        ("total_effect_sigma_clean", te_sigma),
+    ]
+
+
+def _self_index(sites: list[str], r_index: dict[str, int]) -> Tensor:
+    """[S, 1] indices of the ablated sites among the readouts (to broadcast over patches)."""
+    return torch.tensor([r_index[s] for s in sites]).unsqueeze(1)
 
 
 def attribute_first_token(adapter: TransformerAdapter, attribute: str | None) -> int | None:

@@ -15,6 +15,18 @@ effect) and MLP (less erasure). Because every run decomposes exactly into its di
     total = Delta_DE(s) + CE_attn + CE_mlp + Delta_DE(embedding and upstream sites)   (exact)
 
 where the last term is nonzero only through the change of the final scale sigma.
+
+:func:`split_repair` takes the repair apart (``docs/conventions.md``, "The repair, split"):
+each Delta_DE of readout site r in a run at sigma' splits exactly into a value part
+``(c'_r - c_r) . w / sigma' = DE_abl - DE_clean * sigma / sigma'`` and a scale part
+``c_r . w (1 / sigma' - 1 / sigma) = DE_clean * (sigma / sigma' - 1)``; then
+
+    total = Delta_DE(s) + repair_attn + repair_mlp + repair_norm + repair_sibling
+
+with the value parts of the downstream attention / MLP sites, the scale parts of every site
+but s, and the value parts of the remaining (non-downstream) sites, which vanish unless a norm
+after the attention renormalises s's sibling heads. :func:`total_at_clean_sigma` is the total
+effect with sigma held at its clean value, do(sigma = clean).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ..errors import ShapeError
+from ..errors import InterventionError, ShapeError
 from ..sites import downstream_masks
 
 
@@ -103,3 +115,117 @@ def _masks(
         list(ablated), list(readouts), parallel_residual
     )
     return down_attn, down_mlp, is_self, ~(down_attn | down_mlp | is_self)
+
+
+@dataclass(frozen=True)
+class RepairSplit:
+    """Per (ablated site, patch) parts of the repair; every tensor is [n_sites, n_patches].
+
+    ``repair`` = total - Delta_DE(self) is the whole response to the ablation; it splits into
+    ``repair_attn`` + ``repair_mlp`` (value parts of the downstream attention / MLP sites, Eq
+    33's rule), ``repair_norm`` (scale parts of every site but the ablated one: the final norm
+    rescaling what did not change) and ``repair_sibling`` (value parts of the other
+    non-downstream sites: zero up to rounding unless a norm after the attention renormalises
+    the ablated head's siblings). ``value`` and ``scale`` [S, P, R] are the per-readout parts.
+    """
+
+    total: Tensor
+    delta_self: Tensor
+    repair_attn: Tensor
+    repair_mlp: Tensor
+    repair_norm: Tensor
+    repair_sibling: Tensor
+    sigma_ratio: Tensor  # sigma' / sigma
+    value: Tensor  # [S, P, R]
+    scale: Tensor  # [S, P, R]
+
+    @property
+    def repair(self) -> Tensor:
+        """repair_attn + repair_mlp + repair_norm + repair_sibling (= total - Delta_DE(self))."""
+        return self.repair_attn + self.repair_mlp + self.repair_norm + self.repair_sibling
+
+    def identity_residual(self) -> Tensor:
+        """total - (Delta_DE(self) + repair); zero up to rounding when total is the model's."""
+        return self.total - (self.delta_self + self.repair)
+
+
+def split_repair(
+    ablated_sites: list[str],
+    readout_sites: list[str],
+    de_clean: Tensor,
+    de_ablated: Tensor,
+    sigma_clean: float | Tensor,
+    sigma_ablated: Tensor,
+    total: Tensor,
+    parallel_residual: bool,
+) -> RepairSplit:
+    """Split each ablated run's Delta_DE into value and scale parts and aggregate the repair.
+
+    ``sigma_clean`` is the clean run's final scale, ``sigma_ablated`` [S, P] each ablated run's
+    own; the other arguments are :func:`decompose`'s. Every ablated site must be a readout site
+    (its own term is Delta_DE(self)); InterventionError otherwise (e.g. a head ablated in a
+    layer-granularity run, whose layer would change without being downstream).
+
+    >>> import torch
+    >>> r = split_repair(["attn.0"], ["embed", "attn.0", "mlp.0"], torch.tensor([1.0, 2.0, -2.0]),
+    ...                  torch.tensor([[[0.5, 0.0, -0.5]]]), 1.0, torch.tensor([[2.0]]),
+    ...                  torch.tensor([[-1.0]]), False)
+    >>> [float(x) for x in (r.delta_self, r.repair_mlp, r.repair_norm, r.repair_sibling)]
+    [-2.0, 0.5, 0.5, 0.0]
+    """
+    missing = [s for s in ablated_sites if s not in readout_sites]
+    if missing:
+        raise InterventionError(
+            f"split_repair: ablated site(s) {missing[:4]} are not readout sites; the repair is "
+            "split only when each ablated site is read out itself (same granularity)"
+        )
+    shape = de_ablated.shape[:2]
+    sigma_ablated = torch.as_tensor(sigma_ablated, dtype=de_ablated.dtype)
+    if sigma_ablated.shape != shape:
+        raise ShapeError(
+            f"sigma_ablated has shape {tuple(sigma_ablated.shape)}, expected {tuple(shape)}"
+        )
+    sigma_clean = torch.as_tensor(sigma_clean, dtype=de_ablated.dtype)
+    if not (bool((sigma_ablated > 0).all()) and float(sigma_clean) > 0):
+        raise ShapeError("split_repair: every final scale sigma must be positive")
+    dec = decompose(ablated_sites, readout_sites, de_clean, de_ablated, total, parallel_residual)
+    masks = _masks(tuple(ablated_sites), tuple(readout_sites), parallel_residual)
+    down_attn, down_mlp, is_self, upstream = (m.to(de_ablated.dtype) for m in masks)
+    ratio = sigma_clean / sigma_ablated  # sigma / sigma'
+    value = de_ablated - de_clean * ratio[..., None]
+    scale = de_clean * (ratio - 1.0)[..., None]
+
+    def masked(parts: Tensor, mask: Tensor) -> Tensor:
+        return torch.einsum("spr,sr->sp", parts, mask)
+
+    return RepairSplit(
+        total=total,
+        delta_self=dec.delta_self,
+        repair_attn=masked(value, down_attn),
+        repair_mlp=masked(value, down_mlp),
+        repair_norm=masked(scale, 1.0 - is_self),
+        repair_sibling=masked(value, upstream),
+        sigma_ratio=1.0 / ratio,
+        value=value,
+        scale=scale,
+    )
+
+
+def total_at_clean_sigma(
+    centred_ablated: Tensor,
+    centred_clean: float,
+    readout_const: float,
+    sigma_clean: float,
+    sigma_ablated: Tensor,
+) -> Tensor:
+    """The total effect with the final scale held at its clean value, do(sigma = clean) [S, P].
+
+    Each run's centred target logit is ``const + (z . w) / sigma`` (the readout is affine in
+    1 / sigma, ``docs/conventions.md``, "Centred readout direction"), so the ablated run's
+    final residual read out at the clean scale is ``const + (centred' - const) sigma' /
+    sigma``; minus the clean centred logit. ``centred_ablated`` is the model's centred logit
+    of each ablated run (from its final residual), not a sum of direct effects.
+    """
+    centred = torch.as_tensor(centred_ablated)
+    sigma_ablated = torch.as_tensor(sigma_ablated, dtype=centred.dtype)
+    return (centred - readout_const) * sigma_ablated / sigma_clean - (centred_clean - readout_const)

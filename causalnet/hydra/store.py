@@ -5,11 +5,13 @@ Layout of a results folder::
     run.json                the run's arguments and bookkeeping (below)
     shards/                 one small parquet file per finished prompt and table:
         <key>.patches.parquet     (only for prompts whose per-patch rows were given)
+        <key>.patch_effects.parquet   (per-patch effects, when given)
         <key>.readouts.parquet
         <key>.effects.parquet     written last: its presence marks the prompt complete
     effects.parquet         consolidated tables (:meth:`ResultsStore.consolidate`)
     readouts.parquet
     patches.parquet         (when any prompt kept its per-patch rows)
+    patch_effects.parquet   (when any prompt kept its per-patch effects)
 
 **Tables** (all effects in centred logits of the target token i,
 the argmax of the clean logits at the last position, Eqs 9, 10):
@@ -24,13 +26,22 @@ the argmax of the clean logits at the last position, Eqs 9, 10):
   ``compensatory_effect`` (CE, Eq 33, mean), ``compensatory_attn``, ``compensatory_mlp`` (its
   attention and MLP parts), ``delta_de_upstream`` (sum of Delta_DE, Eq 34, over the embedding
   and the non-downstream sites), ``clean_centred_logit``, ``sources`` (the patches' source
-  prompt ids joined with ","; empty without resampling). All floats float64.
+  prompt ids joined with ","; empty without resampling); the repair split
+  (``docs/conventions.md``, "The repair, split"; means over patches): ``repair_attn``,
+  ``repair_mlp`` (value parts of the downstream attention / MLP sites), ``repair_norm`` (scale
+  parts of every site but k), ``repair_sibling`` (value parts of k's non-downstream siblings;
+  0 to rounding but under a norm after the attention), ``total_effect_sigma_clean`` (the total
+  effect at the clean final scale, do(sigma = clean)). All floats float64. Folders written
+  before the repair split lack these five columns (all or none; one folder never mixes the two).
 - ``readouts`` (per prompt, ablated site and readout site l): ``prompt_id``, ``ablated_site``,
   ``readout_site``, ``direct_effect_clean`` (Eq 10), ``direct_effect_ablated`` (Eq 13, mean
   over patches), ``delta_de`` (Eq 34, mean over patches).
 - ``patches`` (optional, per prompt, ablated site, patch and readout site): ``prompt_id``,
   ``ablated_site``, ``patch`` (int64, 0-based), ``source_id`` (string, null when none),
   ``readout_site``, ``direct_effect_ablated`` (Eq 13, that patch's run).
+- ``patch_effects`` (optional, per prompt, ablated site and patch): ``prompt_id``, ``site``,
+  ``patch``, ``source_id``, ``total_effect``, ``direct_effect_ablated_self``, the five repair
+  columns of ``effects`` for that patch's run, ``sigma_ratio`` (sigma' / sigma).
 
 ``<key>`` encodes the prompt id reversibly: ``i<int>`` for an int id, ``s<base64url of the
 UTF-8 string>`` for a str id, so the completed ids are read from file names alone.
@@ -152,6 +163,15 @@ _EFFECTS_SPEC = [
     ("clean_centred_logit", _FLOAT),
     ("sources", _STR),
 ]
+#: The effects columns added with the repair split (absent, all five, from older folders).
+REPAIR_COLUMNS = (
+    "repair_attn",
+    "repair_mlp",
+    "repair_norm",
+    "repair_sibling",
+    "total_effect_sigma_clean",
+)
+_EFFECTS_SPEC += [(name, _FLOAT) for name in REPAIR_COLUMNS]
 _READOUTS_SPEC = [
     ("ablated_site", _STR),
     ("readout_site", _STR),
@@ -166,11 +186,21 @@ _PATCHES_SPEC = [
     ("readout_site", _STR),
     ("direct_effect_ablated", _FLOAT),
 ]
+_PATCH_EFFECTS_SPEC = [
+    ("site", _STR),
+    ("patch", _INT),
+    ("source_id", _STR),
+    ("total_effect", _FLOAT),
+    ("direct_effect_ablated_self", _FLOAT),
+    *[(name, _FLOAT) for name in REPAIR_COLUMNS],
+    ("sigma_ratio", _FLOAT),
+]
 
 #: Column types of the three tables, for int prompt ids (str ids: ``prompt_id`` is a string).
 EFFECTS_SCHEMA = _fields(_INT, _EFFECTS_SPEC)
 READOUTS_SCHEMA = _fields(_INT, _READOUTS_SPEC)
 PATCHES_SCHEMA = _fields(_INT, _PATCHES_SPEC)
+PATCH_EFFECTS_SCHEMA = _fields(_INT, _PATCH_EFFECTS_SPEC)
 
 
 @dataclass(frozen=True)
@@ -179,13 +209,25 @@ class _Table:
     spec: list[tuple[str, pa.DataType]]
     sites: tuple[str, ...]  # columns holding site names, in sort order
     key: tuple[str, ...]  # columns that identify a row within a prompt
+    optional: bool = False  # a prompt may have no shard of this table
+    legacy: tuple[str, ...] = ()  # columns that older folders lack (all of them)
 
-    def schema(self, id_type: type) -> pa.Schema:
-        return _fields(_INT if id_type is int else _STR, self.spec)
+    def spec_of(self, legacy: bool) -> list[tuple[str, pa.DataType]]:
+        return [f for f in self.spec if f[0] not in self.legacy] if legacy else self.spec
+
+    def schema(self, id_type: type, legacy: bool = False) -> pa.Schema:
+        return _fields(_INT if id_type is int else _STR, self.spec_of(legacy))
+
+    def is_legacy(self, schema: pa.Schema, id_type: type) -> bool:
+        """Whether a shard's schema is this table's older one; ResultsError if neither."""
+        for legacy in (False, True) if self.legacy else (False,):
+            if schema.equals(self.schema(id_type, legacy)):
+                return legacy
+        raise ResultsError(f"columns {schema} are not the {self.name} table's")
 
 
 _TABLES = {
-    "effects": _Table("effects", _EFFECTS_SPEC, ("site",), ("site",)),
+    "effects": _Table("effects", _EFFECTS_SPEC, ("site",), ("site",), legacy=REPAIR_COLUMNS),
     "readouts": _Table(
         "readouts",
         _READOUTS_SPEC,
@@ -197,6 +239,10 @@ _TABLES = {
         _PATCHES_SPEC,
         ("ablated_site", "readout_site"),
         ("ablated_site", "patch", "readout_site"),
+        optional=True,
+    ),
+    "patch_effects": _Table(
+        "patch_effects", _PATCH_EFFECTS_SPEC, ("site",), ("site", "patch"), optional=True
     ),
 }
 
@@ -329,6 +375,7 @@ class ResultsStore:
         self._done: set[PromptId] = set()
         self._id_type: type | None = None
         self._may_be_consolidated = True  # consolidated files may exist and match the shards
+        self._legacy: bool | None = None  # effects without the repair columns (older folders)
 
     # ---- writing ---------------------------------------------------------------------------
     def open(self, args: dict[str, Any], resume: bool = True) -> ResultsStore:
@@ -440,7 +487,7 @@ class ResultsStore:
                 if _TMP_NAME.match(tmp.name):
                     tmp.unlink()
         complete = {p.name.split(".")[0] for p in self.shards.glob("*.effects.parquet")}
-        for table in ("readouts", "patches"):
+        for table in ("readouts", "patches", "patch_effects"):
             for shard in self.shards.glob(f"*.{table}.parquet"):
                 if shard.name.split(".")[0] not in complete:
                     shard.unlink()
@@ -469,6 +516,7 @@ class ResultsStore:
         effects_rows: pd.DataFrame,
         readouts_rows: pd.DataFrame,
         patches_rows: pd.DataFrame | None = None,
+        patch_effects_rows: pd.DataFrame | None = None,
     ) -> None:
         """Write one finished prompt's rows atomically (see the module doc for kill safety).
 
@@ -476,7 +524,10 @@ class ResultsStore:
         present it must equal ``prompt_id``). Rows are validated (site names, kinds consistent
         with ``site``, finite floats, no duplicate keys), cast to the table's column types and
         sorted. ``patches_rows`` (per-patch readouts, Figure 1) is optional: give it for the
-        prompts whose patches should be kept. ``sources`` may be a list per row (joined with
+        prompts whose patches should be kept; so is ``patch_effects_rows`` (per-patch effects).
+        Effects rows without the five repair columns are written in the older effects schema,
+        only into a folder that holds no effects with them (and the other way round); a folder
+        never mixes the two. ``sources`` may be a list per row (joined with
         ","); ``source_id`` is stored as a string. Raises ResultsError if the prompt is already
         complete or the rows are malformed.
         """
@@ -495,20 +546,44 @@ class ResultsStore:
             "effects": effects_rows,
             "readouts": readouts_rows,
             "patches": patches_rows,
+            "patch_effects": patch_effects_rows,
         }
         arrow = {
             name: _to_arrow(_TABLES[name], frame, prompt_id)
             for name, frame in tables.items()
             if frame is not None
         }
+        self._check_variant(arrow["effects"], type(prompt_id))
         if self._may_be_consolidated:
             self._invalidate_consolidated()
-        for name in ("patches", "readouts", "effects"):  # effects last: the completion mark
+        for name in ("patches", "patch_effects", "readouts", "effects"):  # effects: the mark
             if name in arrow:
                 shard = self.shards / f"{key}.{name}.parquet"
                 _atomic_write(shard, lambda tmp, t=arrow[name]: _write_parquet(t, tmp))
         self._done.add(prompt_id)
         self._id_type = type(prompt_id)
+
+    def _check_variant(self, effects: pa.Table, id_type: type) -> None:
+        """ResultsError unless ``effects`` has the same columns (with or without the repair
+        split) as the effects already in the folder."""
+        table = _TABLES["effects"]
+        legacy = table.is_legacy(effects.schema, id_type)
+        if self._legacy is None and self._done:
+            pid = next(iter(self._done))
+            try:
+                stored = pq.read_schema(self._shard(pid, "effects"))
+            except (OSError, pa.ArrowException) as err:
+                raise ResultsError(f"{self._shard(pid, 'effects')} is unreadable: {err}") from err
+            self._legacy = table.is_legacy(stored, type(pid))
+        if self._legacy is not None and legacy != self._legacy:
+            raise ResultsError(
+                f"{self.path} holds effects "
+                + ("without" if self._legacy else "with")
+                + " the repair columns (written by "
+                + ("an older" if self._legacy else "a newer")
+                + " causalnet); its results cannot be mixed with these: start a new --out folder"
+            )
+        self._legacy = legacy
 
     def _invalidate_consolidated(self) -> None:
         """Before the first new shard after a consolidation: remove the consolidated tables
@@ -545,10 +620,11 @@ class ResultsStore:
         written = {}
         for name, table in _TABLES.items():
             target = self.path / f"{name}.parquet"
-            if name == "patches" and not any(self._shard(i, name).exists() for i in ids):
+            present = [i for i in ids if self._shard(i, name).exists()]
+            if table.optional and not present:
                 target.unlink(missing_ok=True)
                 continue
-            schema = table.schema(type(ids[0]))
+            schema = self._shard_schema(present[0] if present else ids[0], name)
 
             def write(tmp: Path, name: str = name, schema: pa.Schema = schema) -> None:
                 with pq.ParquetWriter(tmp, schema, compression=_COMPRESSION) as writer:
@@ -589,6 +665,12 @@ class ResultsStore:
         rows of ``prompt_ids`` when given (read selectively: the full table can be large)."""
         return self._load("readouts", prompt_ids)
 
+    def load_patch_effects(self, prompt_ids: Iterable[PromptId] | None = None) -> pd.DataFrame:
+        """The per-patch effects (one row per prompt, ablated site and patch) of the prompts
+        that kept them (possibly no rows: folders written before the repair split have none);
+        only the rows of ``prompt_ids`` when given."""
+        return self._load("patch_effects", prompt_ids)
+
     def load_patches(self, prompt_ids: Iterable[PromptId] | None = None) -> pd.DataFrame:
         """The per-patch readouts of the prompts that kept them (possibly no rows); only the
         rows of ``prompt_ids`` when given."""
@@ -621,7 +703,7 @@ class ResultsStore:
                 raise ResultsError(f"{path} is unreadable: {err}") from err
             return (table.schema.empty_table() if wanted == set() else table).to_pandas()
         ids = self._sorted_ids()
-        schema = _TABLES[name].schema(type(ids[0]))
+        schema = self._shard_schema(ids[0], name)
         if wanted is not None:
             ids = [i for i in ids if i in wanted]
         tables = list(self._iter_shards(ids, name))
@@ -639,15 +721,30 @@ class ResultsStore:
     def _shard(self, prompt_id: PromptId, name: str) -> Path:
         return self.shards / f"{encode_prompt_id(prompt_id)}.{name}.parquet"
 
+    def _shard_schema(self, prompt_id: PromptId, name: str) -> pa.Schema:
+        """The schema of table ``name`` in this folder: the current one, or the older one when
+        the shard of ``prompt_id`` has it (checked again for every shard read)."""
+        table, path = _TABLES[name], self._shard(prompt_id, name)
+        if not table.legacy or not path.exists():
+            return table.schema(type(prompt_id))
+        try:
+            stored = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as err:
+            raise ResultsError(f"{path} is unreadable: {err}") from err
+        return table.schema(type(prompt_id), table.is_legacy(stored, type(prompt_id)))
+
     def _iter_shards(self, ids: list[PromptId], name: str) -> Iterator[pa.Table]:
         """Each completed prompt's shard of table ``name``, checked, in sorted-id order.
 
-        Every completed prompt has effects and readouts shards; patches shards are optional.
+        Every completed prompt has effects and readouts shards; patches and patch_effects
+        shards are optional. All shards must have one schema (an effects table with or without
+        the repair columns, never both).
         """
         table = _TABLES[name]
+        expected: pa.Schema | None = None
         for pid in ids:
             path = self._shard(pid, name)
-            if name == "patches" and not path.exists():
+            if table.optional and not path.exists():
                 continue
             try:
                 shard = pq.read_table(path)
@@ -660,8 +757,16 @@ class ResultsStore:
                     f"{path} is unreadable ({err}); delete it and "
                     f"{path.name.split('.')[0]}.effects.parquet, then resume"
                 ) from err
-            if not shard.schema.equals(table.schema(type(pid))):
-                raise ResultsError(f"{path}: columns {shard.schema} are not the {name} table's")
+            if expected is None:
+                try:
+                    expected = table.schema(type(pid), table.is_legacy(shard.schema, type(pid)))
+                except ResultsError as err:
+                    raise ResultsError(f"{path}: {err}") from err
+            if not shard.schema.equals(expected):
+                raise ResultsError(
+                    f"{path}: columns {shard.schema} are not the {name} table's, or not those "
+                    "of this folder's other shards (with and without the repair columns)"
+                )
             ids_in = set(shard.column("prompt_id").to_pylist())
             if ids_in != {pid}:
                 raise ResultsError(
@@ -689,7 +794,9 @@ def _to_arrow(table: _Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Tab
             raise ResultsError(
                 f"{where}: column prompt_id holds {pd.Series(ids).tolist()[:5]}, not {prompt_id!r}"
             )
-    wanted = [name for name, _ in table.spec]
+    legacy = bool(table.legacy) and not any(c in frame.columns for c in table.legacy)
+    spec = table.spec_of(legacy)
+    wanted = [name for name, _ in spec]
     missing = [c for c in wanted if c not in frame.columns]
     extra = [c for c in frame.columns if c not in wanted and c != "prompt_id"]
     if missing or extra:
@@ -710,7 +817,7 @@ def _to_arrow(table: _Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Tab
             ",".join(str(s) for s in v) if isinstance(v, list | tuple | np.ndarray) else v
             for v in frame["sources"]
         ]
-    if table.name == "patches":
+    if table.name in ("patches", "patch_effects"):
         frame["source_id"] = [None if _is_missing(v) else str(v) for v in frame["source_id"]]
     _check_duplicates(table, frame, where)
     sort_cols = []
@@ -725,7 +832,7 @@ def _to_arrow(table: _Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Tab
     frame = frame.sort_values(sort_cols, kind="stable").drop(
         columns=[c for c in sort_cols if c.startswith("_")]
     )
-    for name, dtype in table.spec:
+    for name, dtype in spec:
         if dtype == _FLOAT:
             try:
                 values = np.asarray(frame[name], dtype=np.float64)
@@ -737,7 +844,7 @@ def _to_arrow(table: _Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Tab
                     f"{where}: column {name} is not finite at "
                     + ", ".join(f"{c}={bad[c]!r}" for c in table.key)
                 )
-    schema = table.schema(type(prompt_id))
+    schema = table.schema(type(prompt_id), legacy)
     try:
         arrow = pa.Table.from_pandas(frame, schema=schema, preserve_index=False, safe=True)
     except (pa.ArrowException, TypeError, ValueError) as err:

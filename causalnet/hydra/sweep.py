@@ -180,7 +180,9 @@ def run_sweep(
 
 def _writer(store: ResultsStore) -> Write:
     def write(rows: PromptRows) -> None:
-        store.write_prompt(rows.prompt_id, rows.effects, rows.readouts, rows.patches)
+        store.write_prompt(
+            rows.prompt_id, rows.effects, rows.readouts, rows.patches, rows.patch_effects
+        )
 
     return write
 
