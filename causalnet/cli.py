@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="(re)make the figures of a results folder")
     plot.add_argument("results", help="results folder written by 'causalnet hydra'")
+    plot.add_argument(
+        "--repair-site",
+        default=None,
+        help="the site of the per-patch repair figure (default: the attention site with the "
+        "largest direct effects)",
+    )
 
     report = sub.add_parser("report", help="print the per-layer summary table of a results folder")
     report.add_argument("results", help="results folder written by 'causalnet hydra'")
@@ -104,6 +110,23 @@ def _parser() -> argparse.ArgumentParser:
         "--csv", default=None, help="also write the full table to this CSV file (folder must exist)"
     )
     report.add_argument("--all", action="store_true", help="print every column, not the main ones")
+    report.add_argument(
+        "--repair",
+        action="store_true",
+        help="also the repair split per layer: fraction and parts with 95%% bootstrap intervals "
+        "over prompts, over-correction and anti-repair shares (docs/conventions.md)",
+    )
+    report.add_argument(
+        "--top",
+        type=float,
+        default=None,
+        help="with --repair: also only the top K%% of rows by |direct effect| per site (e.g. 2)",
+    )
+    report.add_argument("--boot", type=int, default=1000, help="bootstrap replicates (1000)")
+    report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    report.add_argument(
+        "--markdown", action="store_true", help="print the repair tables as markdown"
+    )
     return parser
 
 
@@ -142,11 +165,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_report(out, None, False)
         elif args.command == "plot":
             from .hydra.figures import make_all
+            from .hydra.figures_repair import FILE, make_repair_figures
 
-            for path in make_all(args.results):
+            paths = make_all(args.results)
+            if args.repair_site is not None:  # replaces the default site's figure
+                paths = [p for p in paths if p.name != FILE]
+                paths += make_repair_figures(args.results, site=args.repair_site)
+            for path in paths:
                 print(f"figure: {path}")
         else:
             _print_report(args.results, args.csv, args.all)
+            if args.repair:
+                from .hydra.reliability import print_repair_report
+
+                print_repair_report(args.results, args.top, args.boot, args.seed, args.markdown)
     except CausalNetError as err:
         print(f"causalnet: error: {err}", file=sys.stderr)
         return 2

@@ -494,7 +494,9 @@ def make_all(
       ablating its attention site with the largest clean direct effect;
     - ``fig2_direct_vs_total.png``, ``fig3_examples.png`` (up to 4 prompts with the largest
       attention direct effects, each ablating that site), ``fig7_compensation.png``,
-      ``fig8_response_split.png``.
+      ``fig8_response_split.png``;
+    - ``fig_repair_patches.png`` when the folder kept per-patch effects
+      (:mod:`causalnet.hydra.figures_repair`).
 
     Prompt texts for titles come from the run's ``prompts`` argument when it still resolves
     (:func:`causalnet.hydra.data.load_prompts`); otherwise titles name the prompt id.
@@ -543,7 +545,9 @@ def make_all(
         )
     paths.append(plot_compensation(effects, out / "fig7_compensation.png"))
     paths.append(plot_response_split(effects, out / "fig8_response_split.png"))
-    return paths
+    from .figures_repair import make_repair_figures  # per-patch repair, when kept
+
+    return paths + make_repair_figures(store.path, out)
 
 
 # ---- helpers --------------------------------------------------------------------------------
