@@ -127,6 +127,23 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--markdown", action="store_true", help="print the repair tables as markdown"
     )
+    repairers = sub.add_parser(
+        "repairers",
+        help="who repairs: the compensation map and the replacement heads of a results folder",
+    )
+    repairers.add_argument("results", help="results folder written by 'causalnet hydra'")
+    repairers.add_argument("--k", type=int, default=5, help="replacement heads per prompt (5)")
+    repairers.add_argument("--figure", default=None, help="save the compensation map (PNG)")
+
+    attribution = sub.add_parser(
+        "attribution",
+        help="attribution patching on a results folder's prompts and patches, against its "
+        "exact total effects (loads the folder's model)",
+    )
+    attribution.add_argument("results", help="results folder written by 'causalnet hydra'")
+    attribution.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    attribution.add_argument("--top", type=int, default=10, help="disagreements shown (10)")
+    attribution.add_argument("--figure", default=None, help="save estimate vs exact (PNG)")
     return parser
 
 
@@ -163,6 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for path in make_all(out):
                     print(f"figure: {path}")
             _print_report(out, None, False)
+        elif args.command == "repairers":
+            from .hydra.repair_commands import repairers_report
+
+            print(repairers_report(args.results, args.k, figure=args.figure))
+        elif args.command == "attribution":
+            from .hydra.repair_commands import attribution_report
+
+            print(attribution_report(args.results, args.limit, args.top, args.figure))
         elif args.command == "plot":
             from .hydra.figures import make_all
             from .hydra.figures_repair import FILE, make_repair_figures

@@ -232,11 +232,12 @@ def _mean_pairwise_spearman(values: np.ndarray) -> float:
 
 def top_compensators(cmap: pd.DataFrame, n: int = 3) -> pd.DataFrame:
     """Per ablated site, the ``n`` readouts with the largest |mean Delta_DE|: ablated_site,
-    readout_site, mean_delta_de, and ``share`` = that mean over the sum of all downstream means
-    (the mean compensatory effect, Eq 33)."""
+    readout_site, mean_delta_de, and ``share`` = that mean over the sum of |mean Delta_DE| of
+    all its downstream sites (in [-1, 1]; the sum of the means, the mean CE of Eq 33, can be
+    near 0 when compensators cancel)."""
     out = []
     for ablated, group in cmap.groupby("ablated_site", sort=False):
-        total = group["mean_delta_de"].sum()
+        total = group["mean_delta_de"].abs().sum()
         best = group.reindex(group["mean_delta_de"].abs().sort_values(ascending=False).index)
         for row in best.head(n).itertuples():
             out.append(
