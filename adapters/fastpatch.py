@@ -29,7 +29,7 @@ from causalnet.sites import Site
 from .base import CleanRun, PatchedRun, accumulation_dtype, vocab_mean
 from .heads import head_dots, head_term
 from .hooks import HookSet, first, with_first
-from .replay import block_calls
+from .replay import block_calls, fast_linears
 from .trace import reforward_patch
 
 #: Errors a model's own modules may raise on arguments they were not made for; caught only by
@@ -124,7 +124,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     state = _Layer()
     ran: list[str] = []  # the hooks that must have fired
     want_z = head_gran or any(s.kind == "head" for s in parsed)
-    with HookSet() as hooks, torch.no_grad():
+    with HookSet() as hooks, torch.no_grad(), fast_linears(p.blocks):
         _hooks(adapter, hooks, state, want_z)
         for layer in range(p.n_layers):
             run, a_end, m_end = bound(2 * layer), bound(2 * layer + 1), bound(2 * layer + 2)

@@ -26,9 +26,12 @@ with the reason, and the adapter falls back to :func:`causalnet.adapters.trace.r
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ from transformers.cache_utils import Cache
 
 from causalnet.errors import UnsupportedModelError
 
+from . import kernels
 from .hooks import HookSet, first, hidden_in, rel_err, tolerance, with_hidden_in
 
 _HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
@@ -93,6 +97,14 @@ def _cache_keyword(model: nn.Module) -> str:
     raise UnsupportedModelError(
         f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
     )
+
+
+def _forward(model: nn.Module, **kwargs: Any) -> Any:
+    """``model(**kwargs)`` with the logits of the last position only where it takes
+    ``logits_to_keep`` (the capture needs none)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
 
 
 def _is_cache(x: Any) -> bool:
@@ -169,10 +181,10 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
 
     key = _cache_keyword(model)
     toks = prompt[None].expand(batch, -1)
-    with torch.no_grad():
+    with torch.no_grad(), fast_linears(p.blocks):
         kwargs: dict[str, Any] = {"use_cache": True}
         if prompt.shape[0] > 1:
-            out = model(input_ids=toks[:, :-1], use_cache=True)
+            out = _forward(model, input_ids=toks[:, :-1], use_cache=True)
             cache = out.get(key) if hasattr(out, "get") else None
             if not _is_cache(cache):
                 raise UnsupportedModelError(
@@ -184,7 +196,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
                 hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
                 hooks.post(p.attn[layer], f"attn.{layer}", part("attn", layer, p.alpha[layer]))
                 hooks.post(p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer]))
-            model(input_ids=toks[:, -1:], **kwargs)
+            _forward(model, input_ids=toks[:, -1:], **kwargs)
             hooks.check()
     if "cache" in live:
         del live["cache"].update  # the instance attribute; the class's method is back
@@ -192,12 +204,14 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
     return cap
 
 
-def _tiler(x1: Any, x2: Any, where: str) -> Callable[[int], Any]:
-    """How a captured argument scales to n rows: captured at batch 1 (``x1``) and 2 (``x2``)."""
+def _mode(x1: Any, x2: Any, where: str) -> Any:
+    """How a captured argument scales to n rows, from its captures at batch 1 (``x1``) and 2
+    (``x2``): per tensor ``"same"`` (broadcasts), ``"expand"`` / ``"repeat"`` (tiled along its
+    first dimension); nested as ``x1`` is. UnsupportedModelError for anything else."""
     if x1 is _HIDDEN or x1 is _CACHE:
         if x2 is not x1:
             raise UnsupportedModelError(f"{where}: the arguments differ between batch sizes")
-        return lambda n: x1
+        return "same"
     if isinstance(x1, Tensor):
         if not isinstance(x2, Tensor):
             raise UnsupportedModelError(f"{where}: a tensor at batch 1 only")
@@ -205,24 +219,46 @@ def _tiler(x1: Any, x2: Any, where: str) -> Callable[[int], Any]:
         if x1.shape == x2.shape:
             if rel_err(x2, x1) > tol:
                 raise UnsupportedModelError(f"{where} {tuple(x1.shape)} depends on the batch")
-            return lambda n: x1
+            return "same"
         reps = (2,) + (1,) * (x1.ndim - 1)
         if x1.ndim and x2.shape[1:] == x1.shape[1:] and rel_err(x2, x1.repeat(*reps)) <= tol:
-            if x1.shape[0] == 1:
-                return lambda n: x1.expand(n, *x1.shape[1:])
-            return lambda n: x1.repeat(n, *reps[1:])
+            return "expand" if x1.shape[0] == 1 else "repeat"
         raise UnsupportedModelError(
             f"{where} has shape {tuple(x1.shape)} at batch 1 and {tuple(x2.shape)} at batch 2"
         )
     if isinstance(x1, (tuple, list)) and type(x2) is type(x1) and len(x1) == len(x2):
-        parts = [_tiler(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(x1, x2, strict=True))]
-        return lambda n: type(x1)(f(n) for f in parts)
+        return [_mode(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(x1, x2, strict=True))]
     if isinstance(x1, dict) and isinstance(x2, dict) and x1.keys() == x2.keys():
-        items = {k: _tiler(x1[k], x2[k], f"{where}.{k}") for k in x1}
-        return lambda n: {k: f(n) for k, f in items.items()}
+        return {k: _mode(x1[k], x2[k], f"{where}.{k}") for k in x1}
     if type(x1) is not type(x2) or (isinstance(x1, (int, float, str, bool)) and x1 != x2):
         raise UnsupportedModelError(f"{where}: {x1!r} at batch 1, {x2!r} at batch 2")
-    return lambda n: x1
+    return "same"
+
+
+def _tile(x: Any, mode: Any, n: int) -> Any:
+    """``x`` (captured at batch 1) for n rows as ``mode`` (:func:`_mode`) says."""
+    if isinstance(mode, list):
+        return type(x)(_tile(y, m, n) for y, m in zip(x, mode, strict=True))
+    if isinstance(mode, dict):
+        return {k: _tile(x[k], mode[k], n) for k in x}
+    if mode == "expand":
+        return x.expand(n, *x.shape[1:])
+    if mode == "repeat":
+        return x.repeat(n, *(1,) * (x.ndim - 1))
+    return x
+
+
+def _signature(x: Any) -> Any:
+    """The structure of a captured argument: types and tensor shapes (hashable)."""
+    if isinstance(x, Tensor):
+        return ("T", tuple(x.shape), x.dtype)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, tuple(_signature(y) for y in x))
+    if isinstance(x, dict):
+        return ("dict", tuple((k, _signature(y)) for k, y in x.items()))
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return ("v", x)
+    return (type(x).__name__,)
 
 
 def _fill(x: Any, hidden: Tensor, cache: FrozenCache) -> Any:
@@ -238,34 +274,68 @@ def _fill(x: Any, hidden: Tensor, cache: FrozenCache) -> Any:
 
 
 class BlockCalls:
-    """Each block's call on n rows from the captures at batch 1 and 2 (arguments tiled)."""
+    """Each block's call on n rows from its capture at batch 1 and the tiling ``modes``."""
 
-    def __init__(self, adapter: Any, one: Capture, two: Capture) -> None:
-        names = adapter.parts.block_names
+    def __init__(self, adapter: Any, one: Capture, modes: list[tuple[Any, Any]]) -> None:
         self.one = one
         self.blocks = adapter.parts.blocks
-        self.args = [
-            _tiler(a1, a2, f"block {names[i]} argument")
-            for i, (a1, a2) in enumerate(zip(one.args, two.args, strict=True))
-        ]
-        self.kwargs = [
-            _tiler(k1, k2, f"block {names[i]} keyword")
-            for i, (k1, k2) in enumerate(zip(one.kwargs, two.kwargs, strict=True))
-        ]
+        self.modes = modes
         self.cache = FrozenCache(one.cache, one.prefix)
 
     def __call__(self, layer: int, resid: Tensor) -> Tensor:
         """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
         n = resid.shape[0]
         hidden = resid[:, None, :].clone()  # a block may write to its input
-        args = _fill(self.args[layer](n), hidden, self.cache)
-        kwargs = _fill(self.kwargs[layer](n), hidden, self.cache)
+        a_mode, k_mode = self.modes[layer]
+        args = _fill(_tile(self.one.args[layer], a_mode, n), hidden, self.cache)
+        kwargs = _fill(_tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
         out = first(self.blocks[layer](*args, **kwargs))
         if out is None or out.shape != hidden.shape:
             raise UnsupportedModelError(f"block {layer} returned no [n, 1, d] hidden states")
         return out[:, 0]
 
 
+#: adapter -> {structure of the batch-1 capture: tiling modes}, so that batch 2 is captured
+#: once per structure (e.g. once per prompt length), not once per prompt.
+_MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def block_calls(adapter: Any, prompt: Tensor) -> BlockCalls:
-    """:class:`BlockCalls` for ``prompt`` [t + 1] (captured at batch 1 and 2)."""
-    return BlockCalls(adapter, capture(adapter, prompt, 1), capture(adapter, prompt, 2))
+    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1, and at batch 2 the
+    first time its arguments have this structure (how they scale with the batch)."""
+    one = capture(adapter, prompt, 1)
+    sig = _signature((one.args, one.kwargs))
+    known = _MODES.setdefault(adapter, {})
+    if sig not in known:
+        two = capture(adapter, prompt, 2)
+        names = adapter.parts.block_names
+        known[sig] = [
+            (
+                _mode(a1, a2, f"block {names[i]} argument"),
+                _mode(k1, k2, f"block {names[i]} keyword"),
+            )
+            for i, (a1, a2, k1, k2) in enumerate(
+                zip(one.args, two.args, one.kwargs, two.kwargs, strict=True)
+            )
+        ]
+    return BlockCalls(adapter, one, known[sig])
+
+
+@contextlib.contextmanager
+def fast_linears(modules: list[nn.Module]) -> Iterator[None]:
+    """Every plain ``nn.Linear`` inside ``modules`` computes through
+    :func:`causalnet.adapters.kernels.linear` while inside (the same ``x W^T + b`` of the same
+    weights, on oneDNN's kernel for float32 on a CPU, else ``F.linear``: equal up to float32
+    rounding); the modules' own ``forward`` is back on exit."""
+    linears = [m for block in modules for m in block.modules() if type(m) is nn.Linear]
+    for m in linears:
+        m.forward = functools.partial(_kernel_linear, m)  # an instance attribute, removed below
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
+def _kernel_linear(module: nn.Linear, x: Tensor) -> Tensor:
+    return kernels.linear(x, module.weight, module.bias)
