@@ -7,6 +7,8 @@
   the process may write. A folder holding anything else (``--out .``, a home folder, another
   tool's output) is refused, so a sweep never deletes or overwrites files it did not write.
 - :func:`check_results_folder` (before reading): the folder exists and holds our ``run.json``.
+- :func:`compare_args` (before resuming): the run's arguments equal those stored in its
+  ``run.json``, but for :data:`IGNORED_ARG_KEYS` (software versions and timing).
 - :class:`FolderLock`: the folder's exclusive lock, ``filelock.FileLock`` on ``<folder>/.lock``:
   an OS lock (``flock`` on POSIX, ``LockFileEx`` via ``msvcrt.locking`` on Windows) that the
   kernel releases when the holding process dies, even by SIGKILL, so a killed sweep never
@@ -32,6 +34,21 @@ from ..errors import ResultsError
 
 #: The ``format`` value of the run.json files this library writes.
 RUN_FORMAT = 1
+
+#: Argument keys that may differ between the sessions of one results folder: software versions
+#: and timing. Everything else in ``args`` must match exactly on resume.
+IGNORED_ARG_KEYS = frozenset(
+    {
+        "library_version",
+        "torch_version",
+        "transformers_version",
+        "numpy_version",
+        "python_version",
+        "started_at",
+        "finished_at",
+        "timing",
+    }
+)
 
 #: Entries a first :meth:`ResultsStore.open` leaves when killed before run.json lands: the
 #: lock file, the empty shards folder, and run.json's temporary file.
@@ -157,3 +174,41 @@ class FolderLock:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             lock.release(force=True)
+
+
+def normalise_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` as JSON will store it (a fresh copy); ResultsError unless JSON-serialisable."""
+    if not isinstance(args, dict):
+        raise ResultsError(f"run arguments must be a dict, got {type(args).__name__}")
+    try:
+        return json.loads(json.dumps(args, sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise ResultsError(f"run arguments are not JSON-serialisable: {err}") from err
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compare_args(path: Path, stored: dict[str, Any], args: dict[str, Any]) -> None:
+    """ResultsError listing every key (outside IGNORED_ARG_KEYS) whose value differs."""
+    keys = sorted((set(stored) | set(args)) - IGNORED_ARG_KEYS)
+    differ = [k for k in keys if stored.get(k, "<absent>") != args.get(k, "<absent>")]
+    if not differ:
+        return
+    detail = "; ".join(
+        f"{k}: stored {_short(stored.get(k, '<absent>'))}, now {_short(args.get(k, '<absent>'))}"
+        for k in differ
+    )
+    changed = [k for k in differ if k.endswith("_fingerprint")]
+    inputs = (
+        f" The inputs behind {', '.join(changed)} changed since the folder was written."
+        if changed
+        else ""
+    )
+    raise ResultsError(
+        f"{path} was written with different arguments ({detail}).{inputs} Its results cannot "
+        "be mixed with this run's: resume with the arguments and inputs it was written with, "
+        "or write this run to a new results folder (another --out)"
+    )
