@@ -16,13 +16,6 @@ CONVENTIONS = ROOT / "docs" / "conventions.md"
 CODE_DIRS = ("causalnet", "adapters", "benchmarks", "examples", "tests")
 PAPER_EQUATIONS = set(range(1, 40))  # the paper numbers its equations (1) .. (39)
 
-# References left in files that others are restructuring (issue 9, section 2), allowed until
-# the lead fixes them; remove an entry once fixed. Nothing else may be missing.
-PENDING: set[tuple[str, str]] = {
-    ("causalnet/hydra/protocol.py", "CONVENTIONS.md"),
-    ("causalnet/hydra/sweep.py", "CONVENTIONS.md"),
-    ("tests/test_sites.py", "CONVENTIONS.md"),
-}
 
 _MD_PATH = re.compile(r"(?<![\w./-])((?:\.{1,2}/)?[\w./-]*\w\.md)\b")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -130,7 +123,7 @@ def test_every_markdown_file_cited_in_code_or_the_readme_is_in_the_repository():
         target = ref.split("#", 1)[0]
         if target and "://" not in ref and not _resolves(target, README):
             missing.add(("README.md", ref))
-    assert missing - PENDING == set(), "cited but not in the repository"
+    assert missing == set(), "cited but not in the repository"
 
 
 def test_the_equation_index_lists_exactly_the_papers_equations():

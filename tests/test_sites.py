@@ -1,4 +1,4 @@
-"""Site names and the downstream rule of Eq 33 (CONVENTIONS.md, "Compensatory effect")."""
+"""Site names and the downstream rule of Eq 33 (docs/conventions.md, "Compensatory effect")."""
 
 import pytest
 

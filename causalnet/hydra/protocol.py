@@ -1,7 +1,7 @@
 """The Hydra protocol's bookkeeping for one prompt (paper Sections 2.5.1 and 4.1).
 
 Inputs are the readouts of one clean run and of its ablated runs, each run unembedded at its
-own frozen final scale (``CONVENTIONS.md``, "Which sigma"):
+own frozen final scale (``docs/conventions.md``, "Which sigma"):
 
 - ``de_clean[r]``: the direct effect of readout site r in the clean run (Delta_unembed, Eq 10);
 - ``de_ablated[s, p, r]``: the direct effect of r in the run where site s was ablated with
