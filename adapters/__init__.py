@@ -23,17 +23,10 @@ from torch import nn
 
 from causalnet.errors import UnsupportedModelError
 
-from .base import (
-    Architecture,
-    CleanRun,
-    FullRun,
-    Granularity,
-    HookPoints,
-    PatchedRun,
-    ResidualAdapter,
-    TransformerAdapter,
-)
+from .base import TransformerAdapter
+from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition
+from .records import CleanRun, FullRun, Granularity, PatchedRun
 
 # model_type -> (adapter module, adapter class, what it covers)
 _FAMILIES: dict[str, tuple[str, str, str]] = {

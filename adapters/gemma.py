@@ -46,11 +46,9 @@ from .base import (
     HookPoints,
     PatchedRun,
     TransformerAdapter,
-    accumulation_dtype,
-    linear_head_outputs,
-    rotate_half,
 )
-from .gpt2 import _centred_unembed
+from .blocks import linear_head_outputs, rotate_half
+from .readout import accumulation_dtype, centred_unembed
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -221,13 +219,13 @@ class GemmaAdapter(TransformerAdapter):
     @torch.no_grad()
     def readout(self, token: int) -> tuple[Tensor, float]:
         """``w_i = (1 + G) * (W_U[i] - mean_j W_U[j])``, ``const_i = 0`` (no lm_head bias)."""
-        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        u, const = centred_unembed(self._head.weight, self._head.bias, token)
         return (1.0 + self._body.norm.weight) * u, const
 
     @torch.no_grad()
     def centred_logit(self, resid: Tensor, token: int) -> Tensor:
         """``norm(z) . (W_U[i] - mean_j W_U[j])`` through the model's own final norm (Eq 9)."""
-        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        u, const = centred_unembed(self._head.weight, self._head.bias, token)
         return self._body.norm(resid) @ u + const
 
     # ---- patching a head under the post-attention norm --------------------------------------

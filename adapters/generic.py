@@ -40,18 +40,12 @@ from causalnet.errors import (
 )
 from causalnet.sites import Site
 
-from .base import (
-    Architecture,
-    CleanRun,
-    Granularity,
-    HookPoints,
-    PatchedRun,
-    ResidualAdapter,
-    accumulation_dtype,
-)
+from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
 from .measure import probe_tokens
+from .readout import accumulation_dtype
+from .records import CleanRun, Granularity, PatchedRun
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 

@@ -12,95 +12,25 @@ The residual stream, block by block (sequential residual, LayerNorm everywhere):
 is split equally over the heads, so ``attn.l = sum_H attn.l.hH``. The final norm is a LayerNorm
 with ``sigma = sqrt(var(z) + eps)`` (biased variance, as ``torch.nn.LayerNorm``), so the readout
 (Eqs 9, 10, 24-28) is ``w_i = centre(g * u_i)``, ``const_i = b . u_i`` with
-``u_i = W_U[i] - mean_j W_U[j]`` (see :mod:`causalnet.adapters.base`).
+``u_i = W_U[i] - mean_j W_U[j]`` (see :mod:`causalnet.adapters.readout`).
 
 Weights are read from the Hugging Face modules by reference at every call, never copied.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from causalnet.errors import ModelError, ShapeError
 
-from .base import Architecture, HookPoints, TransformerAdapter, vocab_mean
-
-
-def _layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
-    """``g * (x - mean(x)) / sqrt(var(x) + eps) + b`` exactly as the module computes it."""
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-
-
-def _layer_norm_scale(ln: nn.LayerNorm, x: Tensor) -> Tensor:
-    """The LayerNorm's scale ``sigma = sqrt(var(x) + eps)`` (biased variance): [..., d] -> [...]."""
-    return torch.sqrt(x.var(-1, unbiased=False) + ln.eps)
-
-
-def _centred_unembed(w_u: Tensor, head_bias: Tensor | None, token: int) -> tuple[Tensor, float]:
-    """``u_i = W_U[i] - mean_j W_U[j]`` and the centred unembedding bias ``beta_i - mean(beta)``
-    (0 without a bias): the centred logit of i is ``norm(z) . u_i + that`` (Eq 9)."""
-    try:
-        token = operator.index(token)
-    except TypeError:
-        raise ModelError(f"token must be an integer id, got {token!r}") from None
-    if not 0 <= token < w_u.shape[0]:
-        raise ModelError(f"token {token} is outside the vocabulary [0, {w_u.shape[0]})")
-    with torch.no_grad():
-        u = w_u[token] - vocab_mean(w_u)
-        const = 0.0 if head_bias is None else float(head_bias[token] - head_bias.mean())
-    return u, const
-
-
-def _layer_norm_readout(
-    ln: nn.LayerNorm, w_u: Tensor, head_bias: Tensor | None, token: int
-) -> tuple[Tensor, float]:
-    """LayerNorm readout (Eqs 9, 10, 24-28): ``w_i = centre(g * u_i)``, ``const_i = b . u_i``.
-
-    For ``LN(z) = g * centre(z) / sigma + b``: ``LN(z) . u_i = centre(z) . (g * u_i) / sigma
-    + b . u_i = z . centre(g * u_i) / sigma + b . u_i``; an unembedding bias ``beta`` adds
-    ``beta_i - mean(beta)``.
-    """
-    u, const = _centred_unembed(w_u, head_bias, token)
-    with torch.no_grad():
-        gu = ln.weight * u
-        w = gu - gu.mean()
-        if ln.bias is not None:
-            const += float(ln.bias @ u)
-    return w, const
-
-
-class LayerNormHead(TransformerAdapter):
-    """The final LayerNorm and unembedding of the LayerNorm families (GPT-2, GPT-NeoX, GPT-J):
-    sigma, logits and the readout from :meth:`final_norm_module` and ``_head`` (the output
-    embedding, with or without a bias), through the model's own norm."""
-
-    _head: nn.Module
-
-    def final_scale(self, resid: Tensor) -> Tensor:
-        """``sigma = sqrt(var(z) + eps)`` of the final LayerNorm (biased var): [..., d] -> [...]."""
-        return _layer_norm_scale(self.final_norm_module(), resid)
-
-    def logits(self, resid: Tensor) -> Tensor:
-        """``pi = LN_f(z) W_U^T (+ beta)`` (Eq 3): [..., d] -> [..., V]."""
-        return self._head(_layer_norm(self.final_norm_module(), resid))
-
-    def readout(self, token: int) -> tuple[Tensor, float]:
-        """``w_i = centre(g * u_i)``, ``const_i = b . u_i (+ beta_i - mean beta)``."""
-        bias = getattr(self._head, "bias", None)
-        return _layer_norm_readout(self.final_norm_module(), self._head.weight, bias, token)
-
-    @torch.no_grad()
-    def centred_logit(self, resid: Tensor, token: int) -> Tensor:
-        """``LN_f(z) . u_i (+ beta_i - mean beta)`` through the model's own final norm (Eq 9)."""
-        u, const = _centred_unembed(self._head.weight, getattr(self._head, "bias", None), token)
-        return _layer_norm(self.final_norm_module(), resid) @ u + const
+from .base import Architecture, HookPoints, TransformerAdapter
+from .blocks import layer_norm
+from .readout import LayerNormHead
 
 
 def _check_modules(transformer: nn.Module) -> None:
@@ -124,7 +54,7 @@ def _check_modules(transformer: nn.Module) -> None:
         raise ModelError("GPT2Adapter: ln_f is not a LayerNorm")
 
 
-class GPT2Adapter(LayerNormHead):
+class GPT2Adapter(LayerNormHead, TransformerAdapter):
     """``GPT2LMHeadModel`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
     Config switches that change the math are read, not assumed: ``scale_attn_weights``
@@ -204,7 +134,7 @@ class GPT2Adapter(LayerNormHead):
         """
         block = self._tr.h[layer]
         c_attn = block.attn.c_attn
-        x = _layer_norm(block.ln_1, resid)
+        x = layer_norm(block.ln_1, resid)
         fused = torch.addmm(c_attn.bias, x.reshape(-1, x.shape[-1]), c_attn.weight)
         fused = fused.view(*x.shape[:-1], 3, self.arch.n_heads, self.arch.d_head)
         q, k, v = fused.unbind(-3)
@@ -232,7 +162,7 @@ class GPT2Adapter(LayerNormHead):
         """``mlp.l = c_proj(act(c_fc(ln_2(z))))`` from the mid-layer residual: [..., d]."""
         block = self._tr.h[layer]
         c_fc, c_proj = block.mlp.c_fc, block.mlp.c_proj
-        x = _layer_norm(block.ln_2, resid)
+        x = layer_norm(block.ln_2, resid)
         flat = x.reshape(-1, x.shape[-1])
         h = self._act(torch.addmm(c_fc.bias, flat, c_fc.weight))
         return torch.addmm(c_proj.bias, h, c_proj.weight).view(*resid.shape)

@@ -30,8 +30,9 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, linear_head_outputs
-from .gpt2 import LayerNormHead, _layer_norm
+from .base import Architecture, HookPoints, TransformerAdapter
+from .blocks import layer_norm, linear_head_outputs
+from .readout import LayerNormHead
 
 
 def _check_modules(body: nn.Module) -> None:
@@ -65,7 +66,7 @@ def _rotate_every_two(x: Tensor) -> Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-class GPTJAdapter(LayerNormHead):
+class GPTJAdapter(LayerNormHead, TransformerAdapter):
     """``GPTJForCausalLM`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
     Read from the config, not assumed: ``rotary_dim`` (through the model's rotary module),
@@ -135,7 +136,7 @@ class GPTJAdapter(LayerNormHead):
         """``q, k, v = {q,k,v}_proj(ln_1(z))`` per head, the first ``rotary_dim`` dims of q and
         k rotated pairwise: ``x_rot * cos + rotate_every_two(x_rot) * sin``: [..., T, H, dh]."""
         attn = self._body.h[layer].attn
-        x = _layer_norm(self._body.h[layer].ln_1, resid)
+        x = layer_norm(self._body.h[layer].ln_1, resid)
         heads = (*x.shape[:-1], self.arch.n_heads, self.arch.d_head)
         q = F.linear(x, attn.q_proj.weight).view(heads)
         k = F.linear(x, attn.k_proj.weight).view(heads)
@@ -162,7 +163,7 @@ class GPTJAdapter(LayerNormHead):
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
         """``mlp.l = fc_out(act(fc_in(ln_1(z^{l-1}))))``: [..., d] (``resid`` is z^{l-1})."""
         block = self._body.h[layer]
-        x = _layer_norm(block.ln_1, resid)
+        x = layer_norm(block.ln_1, resid)
         return block.mlp.fc_out(self._act(block.mlp.fc_in(x)))
 
     # ---- hooks for the naive oracle ----------------------------------------------------------

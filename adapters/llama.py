@@ -35,11 +35,9 @@ from .base import (
     FinalStep,
     HookPoints,
     TransformerAdapter,
-    accumulation_dtype,
-    linear_head_outputs,
-    rotate_half,
 )
-from .gpt2 import _centred_unembed
+from .blocks import linear_head_outputs, rotate_half
+from .readout import accumulation_dtype, centred_unembed
 
 # Hugging Face classes whose forward is exactly the block structure above.
 _CLASSES = {
@@ -190,13 +188,13 @@ class LlamaAdapter(TransformerAdapter):
     @torch.no_grad()
     def readout(self, token: int) -> tuple[Tensor, float]:
         """``w_i = G * (W_U[i] - mean_j W_U[j])``, ``const_i = 0`` (+ a centred lm_head bias)."""
-        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        u, const = centred_unembed(self._head.weight, self._head.bias, token)
         return self._body.norm.weight * u, const
 
     @torch.no_grad()
     def centred_logit(self, resid: Tensor, token: int) -> Tensor:
         """``norm(z) . (W_U[i] - mean_j W_U[j])`` through the model's own final norm (Eq 9)."""
-        u, const = _centred_unembed(self._head.weight, self._head.bias, token)
+        u, const = centred_unembed(self._head.weight, self._head.bias, token)
         return self._body.norm(resid) @ u + const
 
     # ---- the patch engine's inner loop -----------------------------------------------------

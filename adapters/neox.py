@@ -33,8 +33,9 @@ from transformers.activations import ACT2FN
 
 from causalnet.errors import ModelError
 
-from .base import Architecture, HookPoints, linear_head_outputs, rotate_half
-from .gpt2 import LayerNormHead, _layer_norm
+from .base import Architecture, HookPoints, TransformerAdapter
+from .blocks import layer_norm, linear_head_outputs, rotate_half
+from .readout import LayerNormHead
 
 #: Rope types whose cos/sin tables depend on the position only (not on the sequence length).
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -61,7 +62,7 @@ def _check_modules(body: nn.Module) -> None:
         raise ModelError("NeoXAdapter: final_layer_norm is not a LayerNorm")
 
 
-class NeoXAdapter(LayerNormHead):
+class NeoXAdapter(LayerNormHead, TransformerAdapter):
     """``GPTNeoXForCausalLM`` seen as the sites ``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``.
 
     Read from the config, not assumed: ``use_parallel_residual`` (``arch.parallel_residual``),
@@ -148,7 +149,7 @@ class NeoXAdapter(LayerNormHead):
         the first ``r`` dims of q and k are rotated, ``x_rot * cos + rotate_half(x_rot) * sin``.
         """
         block = self._body.layers[layer]
-        x = _layer_norm(block.input_layernorm, resid)
+        x = layer_norm(block.input_layernorm, resid)
         proj = block.attention.query_key_value
         fused = F.linear(x, proj.weight, proj.bias)
         fused = fused.view(*x.shape[:-1], self.arch.n_heads, 3 * self.arch.d_head)
@@ -177,7 +178,7 @@ class NeoXAdapter(LayerNormHead):
         ``resid`` is the residual the MLP reads: ``z^{l-1}`` (parallel) or ``z^{l-1} + a^l``.
         """
         block = self._body.layers[layer]
-        x = _layer_norm(block.post_attention_layernorm, resid)
+        x = layer_norm(block.post_attention_layernorm, resid)
         return block.mlp.dense_4h_to_h(self._act(block.mlp.dense_h_to_4h(x)))
 
     # ---- hooks for the naive oracle ----------------------------------------------------------

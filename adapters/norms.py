@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from causalnet.errors import ModelError, UnsupportedModelError
 
-from .base import accumulation_dtype, vocab_mean
 from .hooks import rel_err, tolerance
+from .readout import accumulation_dtype, vocab_mean
 
 NormForm = Literal["rms", "layer", "none"]
 _EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")

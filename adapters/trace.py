@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from causalnet.sites import Site
 
-from .base import CleanRun, Granularity, PatchedRun, accumulation_dtype
 from .heads import head_terms
 from .hooks import HookSet, call_model, first, hidden_in, with_first, with_hidden_in
+from .readout import accumulation_dtype
+from .records import CleanRun, Granularity, PatchedRun
 
 ROW_BUDGET = 1 << 25  # rows * tokens * d of one patch forward
 

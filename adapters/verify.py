@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from causalnet.errors import UnsupportedModelError
 
-from .base import accumulation_dtype
 from .heads import head_terms
 from .hooks import (
     HookSet,
@@ -44,6 +43,7 @@ from .hooks import (
     with_hidden_in,
 )
 from .measure import probe_tokens
+from .readout import accumulation_dtype
 
 
 @dataclass

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from causalnet.adapters import adapt
-from causalnet.adapters.base import accumulation_dtype
 from causalnet.adapters.naive import naive_patch, naive_readout
+from causalnet.adapters.readout import accumulation_dtype
 
 NO_CUDA = "no CUDA GPU on this machine: the cuda paths run where one is present"
 DEVICES = [

@@ -24,9 +24,10 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from causalnet.adapters import adapt, kernels
-from causalnet.adapters.base import FinalStep, vocab_mean
 from causalnet.adapters.llama import LlamaFinalStep
 from causalnet.adapters.naive import naive_patch
+from causalnet.adapters.patching import FinalStep
+from causalnet.adapters.readout import vocab_mean
 
 VOCAB = 101  # the tiny models' vocabulary (conftest)
 LLAMA_FAMILY = ["llama-tied-gqa", "llama-untied-bias", "qwen2-bias", "mistral-window"]
