@@ -1,0 +1,262 @@
+"""Benchmark (issue 11): the generic (discovered) adapter's fast patching, side by side.
+
+1. The bundled SmolLM2-135M: per prompt, the full sweep (clean run + every attention and MLP
+   site, 60, with K = 15 resample patches, every readout) through the hand-written Llama adapter
+   and through the generic adapter of the same model (``adapt(model, generic=True)``), timed
+   alternately in the same run. Before any time is reported the two agree on the first prompt:
+   centred logit, sigma and every direct effect within 1e-5 of max(1, the quantity's largest
+   |value|), else the script exits with status 1 and writes nothing.
+2. Random-weight models of SmolLM2's width and depth (d = 576, 30 layers, 9 heads, 3 KV heads,
+   MLP 1536; Mixtral: 4 experts of 768, top-2) of types with no hand-written adapter (Qwen3,
+   Mixtral, Phi-3): the generic fast path (clean run + patch) against the batched naive
+   re-forwards -- ``naive_patch(batched=True)`` (one hooked full forward of K sequences per
+   site, as ``bench_sweep.py``'s way (b), the clean target given for free) and the generic
+   adapter's own fallback ``reforward_patch`` (all rows in chunks, last-position logits only) --
+   after checking that they agree (1e-4 of max(1, |value|)); and the fast path's float32 rate
+   (FLOPs counted analytically from the shapes, ``bench_sweep.py``'s formula with each model's
+   MLP) next to this machine's matrix-multiply rate measured in the same run.
+
+The machine is named with its load average before and after (other processes share the cores:
+times are wall-clock, the ratios are the point). Results: ``benchmarks/results/<date>-generic-
+<host>.json`` and ``.md``. Run: ``python benchmarks/bench_generic.py [--prompts 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as T
+from bench_sweep import Readouts, gemm_rates, machine_info, max_diff, way_c, way_naive
+
+from causalnet.adapters import adapt, load
+from causalnet.adapters.trace import reforward_patch
+from causalnet.hydra.data import load_prompts
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 15
+SMOL = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+RANDOM = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=64)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=768, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),
+}
+
+
+def mlp_flops(name: str, d: int) -> int:
+    """FLOPs of one row's MLP (SwiGLU: 6 d d_ff per expert used; Mixtral's router 2 d E)."""
+    if name == "mixtral":
+        return 2 * 6 * d * 768 + 2 * d * 4
+    return 6 * d * 1536
+
+
+def patch_flops(name: str, t: int, n_layers: int, k: int) -> int:
+    """One prompt's clean run + patches of every attention and MLP site (bench_sweep.py's
+    formula; q/k norms and rotary are not counted)."""
+    d, h, hkv, dh = 576, 9, 3, 64
+    f_attn = 2 * d * (h + 2 * hkv) * dh + 2 * h * dh * d + 4 * h * dh * (t + 1)
+    f_mlp = mlp_flops(name, d)
+    patch = sum(
+        (f_mlp + (n_layers - 1 - layer) * (f_attn + f_mlp))
+        + (n_layers - 1 - layer) * (f_attn + f_mlp)
+        for layer in range(n_layers)
+    )
+    clean = (t + 1) * n_layers * (f_attn + f_mlp) + 2 * d * SMOL["vocab_size"]
+    return k * patch + clean
+
+
+def resample(adapter: Any, prompts: list[torch.Tensor], i: int) -> torch.Tensor:
+    """Values [S, K, d]: every site's value in K other prompts (a resample ablation)."""
+    pool = adapter.final_values(prompts)  # [P, R, d]
+    src = [j for j in range(len(prompts)) if j != i][:K]
+    while len(src) < K:
+        src = src + src
+    return pool[src[:K], 1:].transpose(0, 1).contiguous()
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def rel_diffs(x: Readouts, y: Readouts) -> dict[str, float]:
+    raw = max_diff(x, y)
+    return {k: v / max(1.0, float(getattr(y, k).abs().max())) for k, v in raw.items()}
+
+
+def smollm2(hand: Any, prompts: list[torch.Tensor], n_timed: int) -> dict[str, Any]:
+    gen, t_adapt = timed(lambda: adapt(hand.model, generic=True))
+    refusal, t_check = timed(lambda: gen.fast_refusal)
+    if refusal is not None:
+        raise SystemExit(f"the generic fast path is refused on SmolLM2: {refusal}")
+    sites = hand.sites("layer")
+    values = resample(hand, prompts, 0)
+    diffs = rel_diffs(way_c(gen, prompts[0], sites, values), way_c(hand, prompts[0], sites, values))
+    if max(diffs.values()) > 1e-5:
+        raise SystemExit(f"generic and hand-written disagree on SmolLM2: {diffs}")
+    times: dict[str, list[float]] = {"hand": [], "generic": []}
+    for i in range(1, n_timed + 1):
+        values = resample(hand, prompts, i)
+        for name, a in (("hand", hand), ("generic", gen)):
+            times[name].append(timed(lambda a=a, p=prompts[i], v=values: way_c(a, p, sites, v))[1])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "agreement_rel": diffs,
+        "adapt_s": t_adapt,
+        "fast_check_s": t_check,
+        "fast_error": gen.fast_error,
+        "times_s": times,
+        "median_s": med,
+        "ratio_generic_over_hand": med["generic"] / med["hand"],
+        "prompt_lengths": [len(p) for p in prompts[1 : n_timed + 1]],
+    }
+
+
+def random_model(name: str, prompts: list[torch.Tensor], n_timed: int) -> dict[str, Any]:
+    cfg_cls, model_cls, extra = RANDOM[name]
+    torch.manual_seed(0)
+    model = getattr(T, model_cls)(getattr(T, cfg_cls)(**{**SMOL, **extra})).eval()
+    gen, t_adapt = timed(lambda: adapt(model, generic=True))
+    refusal, t_check = timed(lambda: gen.fast_refusal)
+    if refusal is not None:
+        raise SystemExit(f"the generic fast path is refused on {name}: {refusal}")
+    sites = gen.sites("layer")
+    values = resample(gen, prompts, 0)
+    fast, t_fast0 = timed(lambda: way_c(gen, prompts[0], sites, values))
+    clean = gen.clean_run(prompts[0])
+    naive, t_naive = timed(lambda: way_naive(gen, prompts[0], sites, values, clean.target, True))
+    parsed = [gen.site(s) for s in sites]
+    re_run, t_reforward = timed(lambda: reforward_patch(gen, clean, parsed, values.to(gen.dtype)))
+    reforward = Readouts(re_run.centred_logit, re_run.sigma, re_run.direct_effects)
+    agree = {"naive": rel_diffs(fast, naive), "reforward": rel_diffs(fast, reforward)}
+    if max(max(v.values()) for v in agree.values()) > 1e-4:
+        raise SystemExit(f"{name}: the fast path disagrees with the re-forwards: {agree}")
+    t_fast = [t_fast0]
+    flops = [patch_flops(name, len(prompts[0]) - 1, 30, K)]
+    for i in range(1, n_timed):
+        values = resample(gen, prompts, i)
+        t_fast.append(timed(lambda v=values, i=i: way_c(gen, prompts[i], sites, v))[1])
+        flops.append(patch_flops(name, len(prompts[i]) - 1, 30, K))
+    return {
+        "adapt_s": t_adapt,
+        "fast_check_s": t_check,
+        "fast_error": gen.fast_error,
+        "agreement_rel": agree,
+        "fast_s": t_fast,
+        "naive_batched_s": t_naive,
+        "reforward_s": t_reforward,
+        "speedup_vs_naive_batched": t_naive / t_fast[0],
+        "speedup_vs_reforward": t_reforward / t_fast[0],
+        "gflops": [f / 1e9 for f in flops],
+        "gflop_per_s": sum(flops) / sum(t_fast) / 1e9,
+        "prompt_lengths": [len(p) for p in prompts[:n_timed]],
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    s = r["smollm2"]
+    lines = [
+        f"# Generic adapter speed ({r['date']}, {r['machine']['cpu']}, "
+        f"{r['machine']['cpu_cores_usable']} cores, torch {r['machine']['torch']})",
+        "",
+        f"Load average before / after: {r['load_before']} / {r['load_after']} (shared cores).",
+        f"Linear kernel: {r['machine']['linear_kernel_float32_cpu']}. Matmul rates (GFLOP/s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in r["gemm_before"].items()),
+        "",
+        "## SmolLM2-135M: generic vs hand-written Llama (60 sites, K = 15, every readout)",
+        "",
+        f"Agreement first (relative to max(1, |value|)): {s['agreement_rel']}",
+        "",
+        "| path | median s / prompt | per prompt (s) |",
+        "|---|---|---|",
+    ]
+    for k in ("hand", "generic"):
+        lines.append(
+            f"| {k} | {s['median_s'][k]:.3f} | {', '.join(f'{x:.3f}' for x in s['times_s'][k])} |"
+        )
+    lines += [
+        "",
+        f"Ratio generic / hand-written: **{s['ratio_generic_over_hand']:.2f}x** "
+        f"(prompt lengths {s['prompt_lengths']}).",
+        "",
+        "## Random-weight models of SmolLM2's size (generic fast path vs batched naive)",
+        "",
+        "| model | fast s / prompt | naive batched s | speedup | reforward s | speedup | "
+        "fast GFLOP/s | % of mm rate | agreement (max rel) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    mm = max(r["gemm_before"].values())
+    for name, m in r["random"].items():
+        agree = max(max(v.values()) for v in m["agreement_rel"].values())
+        lines.append(
+            f"| {name} | {m['fast_s'][0]:.3f} | {m['naive_batched_s']:.2f} | "
+            f"{m['speedup_vs_naive_batched']:.1f}x | {m['reforward_s']:.2f} | "
+            f"{m['speedup_vs_reforward']:.1f}x | {m['gflop_per_s']:.1f} | "
+            f"{100 * m['gflop_per_s'] / mm:.0f}% | {agree:.1e} |"
+        )
+    lines += [
+        "",
+        f"% of mm rate: against the best matrix-multiply rate measured in this run ({mm:.0f} "
+        "GFLOP/s). Speedups on the first prompt (length "
+        f"{next(iter(r['random'].values()))['prompt_lengths'][0]} tokens).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=3, help="timed prompts per model")
+    ap.add_argument("--models", default="qwen3,mixtral,phi3")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    r: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(torch.device("cpu")),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "k": K,
+        "sizes": SMOL,
+    }
+    r["gemm_before"] = gemm_rates(torch.device("cpu"), seconds=0.5)
+    hand = load("smollm2-135m")
+    texts = [p.text for p in load_prompts("known_1000")[: K + args.prompts + 1]]
+    prompts = [hand.encode(t) for t in texts]
+    r["smollm2"] = smollm2(hand, prompts, args.prompts)
+    print(json.dumps(r["smollm2"], indent=1), flush=True)
+    r["random"] = {}
+    for name in args.models.split(","):
+        r["random"][name] = random_model(name, prompts, max(1, args.prompts - 1))
+        print(name, json.dumps(r["random"][name], indent=1), flush=True)
+    r["gemm_after"] = gemm_rates(torch.device("cpu"), seconds=0.5)
+    r["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-generic-{r['machine']['host']}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(r, indent=1))
+    (RESULTS / f"{stem}.md").write_text(render(r))
+    print(render(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
