@@ -19,16 +19,16 @@ model ``M_Z``. A value ``z'`` may be
 The mechanism ``f_Z`` is still evaluated for an intervened node (as a forward hook would): its
 output gives the shape the intervention value is checked and broadcast against.
 
-This module holds the model only. The questions asked of it -- total, direct and indirect
-effects -- are plain functions in :mod:`causalnet.effects`; graph queries and drawing are in
-:mod:`causalnet.graph`. :class:`SCM` exposes them as thin methods.
+This module holds the model only. The checks of what flows through it (mechanisms, contexts,
+intervention values) and the value a node takes under ``do`` are in :mod:`causalnet.mechanisms`.
+The questions asked of it -- total, direct and indirect effects -- are plain functions in
+:mod:`causalnet.effects`; graph queries and drawing are in :mod:`causalnet.graph`. :class:`SCM`
+exposes them as thin methods.
 """
 
 from __future__ import annotations
 
-import inspect
-import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -37,26 +37,28 @@ import torch
 from torch import Tensor
 
 from causalnet.errors import (
-    CausalNetError,
-    ContextError,
     CycleError,
     DuplicateNodeError,
     GraphError,
     InterventionError,
-    MechanismError,
     NonFiniteError,
-    ShapeError,
     UnknownNodeError,
+)
+from causalnet.mechanisms import (
+    DoValue,
+    Mechanism,
+    apply_do,
+    call_mechanism,
+    check_arity,
+    check_context,
+    check_do_value,
+    check_output,
 )
 
 if TYPE_CHECKING:
     from causalnet.ablations import Ablation
 
 __all__ = ["SCM", "DoValue", "Mechanism"]
-
-Mechanism = Callable[..., Tensor]
-#: What ``do`` accepts for one node: a number, a tensor ([B, ...] or trailing shape) or a callable.
-DoValue = numbers.Number | Tensor | Callable[[Tensor], Tensor]
 
 _EXOGENOUS = "exogenous"
 _ENDOGENOUS = "endogenous"
@@ -109,7 +111,7 @@ class SCM:
                 raise GraphError(f"parent {p!r} of node {name!r} is not a string")
         if not callable(fn):
             raise GraphError(f"mechanism of node {name!r} is not callable: {fn!r}")
-        _check_arity(name, parents, fn)
+        check_arity(name, parents, fn)
         self._structure.add_node(name, kind=_ENDOGENOUS)
         self._parents[name] = parents
         self._fns[name] = fn
@@ -246,17 +248,7 @@ class SCM:
             raise InterventionError(f"do must be a mapping from node names to values, got {do!r}")
         for name, value in do.items():
             self.check_node(name, endogenous=True, role="intervention target")
-            if not (isinstance(value, (numbers.Number, Tensor)) or callable(value)):
-                hint = (
-                    "; an ablation distribution is a value for the effect functions "
-                    "(total_effect, ...), which average over its draws"
-                    if hasattr(value, "n_draws") and hasattr(value, "sample")
-                    else ""
-                )
-                raise InterventionError(
-                    f"do value for node {name!r} must be a number, a tensor or a callable, "
-                    f"got {type(value).__name__}{hint}"
-                )
+            check_do_value(name, value)
 
     # ---- evaluation -------------------------------------------------------------------------
     def run(
@@ -282,7 +274,7 @@ class SCM:
         do = {} if do is None else do
         self.check_interventions(do)
         interventions = {**self._interventions, **do}
-        batch = self._check_context(ctx, check_finite)
+        batch = check_context(ctx, self.exogenous, self._structure, check_finite)
 
         values: dict[str, Tensor] = {}
         for name in order:
@@ -290,23 +282,10 @@ class SCM:
                 values[name] = ctx[name]
                 continue
             args = [values[p] for p in self._parents[name]]
-            try:
-                out = self._fns[name](*args)
-            except CausalNetError as e:  # already one of ours (a nested model, an intervention)
-                e.add_note(f"(raised by the mechanism of node {name!r})")
-                raise
-            except Exception as e:
-                inputs = ", ".join(
-                    f"{p}: {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}"
-                    for p, a in zip(self._parents[name], args, strict=True)
-                )
-                raise MechanismError(
-                    f"the mechanism of node {name!r} raised {type(e).__name__}: {e} "
-                    f"(its parents' shapes: {inputs or 'no parents'})"
-                ) from e
-            batch = _check_output(name, out, batch)
+            out = call_mechanism(name, self._fns[name], self._parents[name], args)
+            batch = check_output(name, out, batch)
             if name in interventions:
-                out = _apply_do(name, interventions[name], out)
+                out = apply_do(name, interventions[name], out)
             if check_finite and out.is_floating_point() and not torch.isfinite(out).all():
                 bad = int((~torch.isfinite(out)).sum())
                 raise NonFiniteError(
@@ -314,38 +293,6 @@ class SCM:
                 )
             values[name] = out
         return values
-
-    def _check_context(self, ctx: Mapping[str, Tensor], check_finite: bool) -> int | None:
-        if not isinstance(ctx, Mapping):
-            raise ContextError(f"the context must be a mapping {{name: tensor}}, got {ctx!r}")
-        for name in ctx:
-            if name not in self._structure:
-                raise UnknownNodeError(f"the context gives a value for unknown node {name!r}")
-            if self._structure.nodes[name]["kind"] != _EXOGENOUS:
-                raise ContextError(
-                    f"the context gives a value for endogenous node {name!r}; "
-                    "set it with do= instead"
-                )
-        sizes: dict[str, int] = {}
-        for name in self.exogenous:
-            if name not in ctx:
-                raise ContextError(f"the context has no value for exogenous node {name!r}")
-            value = ctx[name]
-            if not isinstance(value, Tensor):
-                raise ContextError(
-                    f"context value of {name!r} must be a torch.Tensor, got {type(value).__name__}"
-                )
-            if value.dim() == 0:
-                raise ContextError(
-                    f"context value of {name!r} is a scalar; it needs a batch dimension [B, ...]"
-                )
-            if check_finite and value.is_floating_point() and not torch.isfinite(value).all():
-                raise NonFiniteError(f"context value of exogenous node {name!r} has NaN or inf")
-            sizes[name] = value.shape[0]
-        if len(set(sizes.values())) > 1:
-            listed = ", ".join(f"{n}: {b}" for n, b in sizes.items())
-            raise ContextError(f"the context's batch sizes differ ({listed})")
-        return next(iter(sizes.values()), None)
 
     # ---- thin methods over causalnet.effects and causalnet.graph ---------------------------
     def total_effect(
@@ -428,66 +375,3 @@ class SCM:
         from causalnet.graph import draw
 
         return draw(self, do=do, ax=ax)
-
-
-def _check_arity(name: str, parents: tuple[str, ...], fn: Mechanism) -> None:
-    """MechanismError unless ``fn`` can be called with one positional argument per parent."""
-    try:  # a module's __call__ takes anything: its forward's signature is the one to check
-        signature = inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn)
-    except (TypeError, ValueError):  # no readable signature (some builtins): checked when run
-        return
-    try:
-        signature.bind(*parents)
-    except TypeError as err:
-        raise MechanismError(
-            f"the mechanism of node {name!r} cannot take its {len(parents)} parent(s) "
-            f"{list(parents)} as positional arguments: its signature is {signature} ({err})"
-        ) from err
-
-
-def _check_output(name: str, out: Any, batch: int | None) -> int:
-    """Check a mechanism's output is a tensor with the batch size; return the batch size."""
-    if not isinstance(out, Tensor):
-        raise ShapeError(
-            f"mechanism of node {name!r} returned {type(out).__name__}, expected a torch.Tensor"
-        )
-    if out.dim() == 0:
-        raise ShapeError(
-            f"mechanism of node {name!r} returned a scalar; it must return [B, ...] with B the "
-            f"batch size{'' if batch is None else f' ({batch})'}"
-        )
-    if batch is not None and out.shape[0] != batch:
-        raise ShapeError(
-            f"mechanism of node {name!r} returned batch size {out.shape[0]} "
-            f"(shape {tuple(out.shape)}), expected {batch}"
-        )
-    return out.shape[0]
-
-
-def _apply_do(name: str, value: DoValue, natural: Tensor) -> Tensor:
-    """The value node ``name`` takes under ``do(name = value)``, given its natural value."""
-    shape = tuple(natural.shape)
-    if callable(value) and not isinstance(value, Tensor):
-        out = value(natural)
-        if not isinstance(out, Tensor):
-            raise ShapeError(
-                f"soft intervention on node {name!r} returned {type(out).__name__}, "
-                "expected a torch.Tensor"
-            )
-        if tuple(out.shape) != shape:
-            raise ShapeError(
-                f"soft intervention on node {name!r} returned shape {tuple(out.shape)}, "
-                f"expected the node's shape {shape}"
-            )
-        return out
-    if isinstance(value, numbers.Number):
-        return torch.full_like(natural, value)
-    value = value.to(dtype=natural.dtype, device=natural.device)
-    if value.dim() == 0 or tuple(value.shape) == shape[1:]:
-        return value.expand(shape).clone()
-    if tuple(value.shape) == shape:
-        return value
-    raise ShapeError(
-        f"do value for node {name!r} has shape {tuple(value.shape)}; expected the node's shape "
-        f"{shape} or its trailing shape {shape[1:]} (broadcast over the batch)"
-    )
