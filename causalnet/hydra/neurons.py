@@ -2,8 +2,9 @@
 
 An MLP's output is its down projection of its hidden activations a [h]:
 ``mlp.l = sum_n a_n W_out[:, n] + b_out``. Read out at a run's final scale sigma along the
-centred readout direction w_i of the target i (``docs/conventions.md``, "Centred readout
-direction"), the MLP's direct effect splits exactly over its neurons,
+centred readout direction w_i of the target i
+(``docs/conventions.md``, "Centred readout direction"), the MLP's direct effect splits
+exactly over its neurons,
 
     DE(mlp.l) = sum_n a_n (W_out[:, n] . w_i) / sigma + (b_out . w_i) / sigma,
 
