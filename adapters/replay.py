@@ -249,9 +249,11 @@ def _tile(x: Any, mode: Any, n: int) -> Any:
 
 
 def _signature(x: Any) -> Any:
-    """The structure of a captured argument: types and tensor shapes (hashable)."""
+    """The structure of a captured argument (hashable): types, and per tensor its dtype, number
+    of dimensions and first dimension (what tiling depends on; lengths that follow the prompt's
+    are left out, so one structure serves every prompt length)."""
     if isinstance(x, Tensor):
-        return ("T", tuple(x.shape), x.dtype)
+        return ("T", x.ndim, x.shape[0] if x.ndim else None, x.dtype)
     if isinstance(x, (tuple, list)):
         return (type(x).__name__, tuple(_signature(y) for y in x))
     if isinstance(x, dict):
@@ -296,7 +298,8 @@ class BlockCalls:
 
 
 #: adapter -> {structure of the batch-1 capture: tiling modes}, so that batch 2 is captured
-#: once per structure (e.g. once per prompt length), not once per prompt.
+#: once per structure (in practice once, or twice: one-token prompts have no cache), not once
+#: per prompt.
 _MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
