@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from causalnet.errors import ContextError, ModelError, ShapeError, UnknownNodeError
-from causalnet.sites import Site, parse_site
+from causalnet.sites import Site, SiteSet, is_site_set, parse_site, parse_site_set
 
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
 
@@ -161,6 +161,16 @@ class ResidualAdapter(ABC):
         if s.kind == "head":
             self._check_granularity("head")
         return s
+
+    def unit(self, name: str) -> Site | SiteSet:
+        """A site (:meth:`site`) or a set of sites ``a+b`` ablated together, its members in
+        residual order, each checked as :meth:`site` (conventions: "Sets of sites")."""
+        if not is_site_set(name):
+            return self.site(name)
+        unit = parse_site_set(name)
+        for member in unit.members:
+            self.site(member.name)
+        return unit
 
     # ---- tokens ------------------------------------------------------------------------------
     def encode(self, prompt: str) -> Tensor:

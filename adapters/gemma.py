@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from causalnet.errors import CausalNetError, ModelError
+from causalnet.errors import CausalNetError, InterventionError, ModelError
 
 from .base import (
     Architecture,
@@ -238,6 +238,15 @@ class GemmaAdapter(TransformerAdapter):
         head-granularity run the heads of layer l are read out as their shares at sigma(o'),
         ``gamma * o_k' / sigma(o')``, so they sum to attn.l'. Other sites: as every family.
         """
+        if not isinstance(sites, str) and any("+" in str(s) for s in sites):
+            heads = [s for s in sites if ".h" in str(s) and "+" in str(s)]
+            if heads:
+                raise InterventionError(
+                    f"sets of heads ({heads[0]!r}) are not patched in {self.arch.family}: a "
+                    "head's patch goes through the post-attention norm one head at a time; "
+                    "ablate whole layers together ('attn.L+attn.M') or single heads"
+                )
+            return super().patch(clean, sites, values)
         rows = self._head_rows(clean, sites, values)
         if not rows:
             return super().patch(clean, sites, values)

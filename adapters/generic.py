@@ -38,7 +38,7 @@ from causalnet.errors import (
     NonFiniteError,
     ShapeError,
 )
-from causalnet.sites import Site
+from causalnet.sites import Site, SiteSet
 
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
@@ -250,23 +250,28 @@ class GenericAdapter(ResidualAdapter):
     def patch(self, clean: CleanRun, sites: list[str], values: Tensor) -> PatchedRun:
         """do(site_s = values[s, p]) at the clean run's position t for every (s, p): a batched
         hooked re-forward of the prompt, each row read out at its own final scale (Eq 13), its
-        centred logit the model's own and its total effect against the clean run (Eq 12)."""
+        centred logit the model's own and its total effect against the clean run (Eq 12).
+        Sets of sites (``a+b``, ``values`` one entry per member) go through the hooked
+        re-forward with every member patched (:meth:`ResidualAdapter.unit`)."""
         if not isinstance(clean, CleanRun):
             raise InterventionError(f"patch needs a CleanRun from clean_run(), got {type(clean)}")
         if isinstance(sites, str):
             raise ShapeError(f"sites must be a list of site names, got the string {sites!r}")
-        parsed = [self.site(s) for s in sites]
+        units = [self.unit(s) for s in sites]
+        groups = [u.members if isinstance(u, SiteSet) else (u,) for u in units]
+        names = [m.name for g in groups for m in g]
         d = self.arch.d_model
         if clean.readout_sites != self.readout_sites(clean.granularity) or (
             clean.site_values.shape[-1] != d
         ):
             raise InterventionError("this CleanRun was made by a different model")
         values = torch.as_tensor(values)
-        n_s = len(parsed)
+        n_s = len(names)
         if n_s == 0 or values.ndim != 3 or values.shape[0] != n_s or values.shape[2] != d:
+            what = "n_sites" if n_s == len(units) else "n_members (one per member of each set)"
             raise ShapeError(
-                f"values must have shape [n_sites={n_s}, n_patches, d={d}] for sites "
-                f"{list(sites)[:4]}{'...' if n_s > 4 else ''}, got {tuple(values.shape)}"
+                f"values must have shape [{what}={n_s}, n_patches, d={d}] for sites "
+                f"{list(sites)[:4]}{'...' if len(units) > 4 else ''}, got {tuple(values.shape)}"
             )
         n_p = values.shape[1]
         if n_p == 0:
@@ -275,14 +280,17 @@ class GenericAdapter(ResidualAdapter):
         finite = torch.isfinite(values).all(dim=(1, 2))
         if not bool(finite.all()):
             raise NonFiniteError(
-                f"the values for site {sites[int((~finite).nonzero()[0])]!r} contain NaN or inf"
+                f"the values for site {names[int((~finite).nonzero()[0])]!r} contain NaN or inf"
             )
-        if clean.granularity == "head" and any(s.kind == "attn" for s in parsed):
+        if clean.granularity == "head" and any(m.kind == "attn" for g in groups for m in g):
             raise InterventionError(
                 "cannot patch a whole attention layer in a head-granularity clean run: its heads "
                 "would have no values to read out; patch its heads or use granularity='layer'"
             )
+        has_sets = len(names) != len(units)
         with self._lock, torch.no_grad():
-            if self.fast_refusal is None:
-                return fast_patch(self, clean, parsed, values)
-            return reforward_patch(self, clean, parsed, values)
+            # sets of sites: the hooked re-forward patches every member (the fast replay
+            # path takes single sites only)
+            if self.fast_refusal is None and not has_sets:
+                return fast_patch(self, clean, [g[0] for g in groups], values)
+            return reforward_patch(self, clean, groups, values)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from causalnet.errors import InterventionError, NonFiniteError, ShapeError
-from causalnet.sites import Site
+from causalnet.sites import Site, SiteSet
 
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
@@ -42,6 +42,12 @@ def patch(
     clean attn.l - clean head + v. Patching a whole ``attn.l`` is refused for a
     head-granularity clean run (its heads would have no values to read out).
 
+    A set of sites ``a+b`` (:meth:`~causalnet.adapters.contract.ResidualAdapter.unit`) is one
+    row per patch with all its members patched; ``values`` then holds one entry per member
+    site, the sites' members flattened in order (``[n_members, P, d]``; a plain site is one
+    member). Its row enters at its earliest member's layer and each later member's patch is
+    applied when the row passes that member's layer.
+
     How it is fast (and still exact): an intervention at t in layer l changes nothing at
     positions before t and nothing below l, so only position t is recomputed, from the
     site's layer upward, against the clean run's cached keys/values of the earlier
@@ -53,16 +59,19 @@ def patch(
         raise InterventionError(f"patch needs a CleanRun from clean_run(), got {type(clean)}")
     if isinstance(sites, str):
         raise ShapeError(f"sites must be a list of site names, got the string {sites!r}")
-    parsed = [adapter.site(s) for s in sites]
+    units = [adapter.unit(s) for s in sites]
+    groups = [u.members if isinstance(u, SiteSet) else (u,) for u in units]
+    names = [m.name for g in groups for m in g]
     d, n_layers = adapter.arch.d_model, adapter.arch.n_layers
     if len(clean._k) != n_layers or clean.site_values.shape[-1] != d:
         raise InterventionError("this CleanRun was made by a different model")
-    n_sites = len(parsed)
+    n_sites = len(names)
     values = torch.as_tensor(values)
     if n_sites == 0 or values.ndim != 3 or values.shape[0] != n_sites or values.shape[2] != d:
+        what = "n_sites" if n_sites == len(units) else "n_members (one per member of each set)"
         raise ShapeError(
-            f"values must have shape [n_sites={n_sites}, n_patches, d={d}] for sites "
-            f"{list(sites)[:4]}{'...' if n_sites > 4 else ''}, got {tuple(values.shape)}"
+            f"values must have shape [{what}={n_sites}, n_patches, d={d}] for sites "
+            f"{list(sites)[:4]}{'...' if len(units) > 4 else ''}, got {tuple(values.shape)}"
         )
     n_patch = values.shape[1]
     if n_patch == 0:
@@ -72,11 +81,11 @@ def patch(
     values = values.to(device=adapter.device, dtype=adapter.dtype)
     finite = torch.isfinite(values).all(dim=(1, 2))
     if not bool(finite.all()):
-        bad = sites[int((~finite).nonzero()[0])]
+        bad = names[int((~finite).nonzero()[0])]
         raise NonFiniteError(f"the values for site {bad!r} contain NaN or inf")
     head_gran = clean.granularity == "head"
     if head_gran:
-        for s in parsed:
+        for s in (m for g in groups for m in g):
             if s.kind == "attn":
                 raise InterventionError(
                     f"cannot patch the whole layer {s.name!r} in a head-granularity clean "
@@ -84,13 +93,13 @@ def patch(
                     f"('{s.name}.h0', ...) or use a clean run with granularity='layer'"
                 )
     with torch.no_grad():
-        return patch_rows(adapter, clean, parsed, values, head_gran)
+        return patch_rows(adapter, clean, groups, values, head_gran)
 
 
 def patch_rows(
     adapter: TransformerAdapter,
     clean: CleanRun,
-    parsed: list[Site],
+    parsed: list[Site] | list[tuple[Site, ...]],
     values: Tensor,
     head_gran: bool,
 ) -> PatchedRun:
@@ -104,10 +113,15 @@ def patch_rows(
     c_j . w_i, the numerator of readout site j's direct effect in row r; it starts at the
     clean values (sites below a row's entry are unchanged) and is divided by each row's own
     sigma at the end.
+
+    ``parsed`` may hold tuples of member sites (sets, in residual order; ``values`` then has
+    one entry per member, flattened): a set's row enters with its first member, and each later
+    member overrides the row's attention / head / MLP output when the row reaches it.
     """
     assert clean._resid_pre is not None and clean._resid_mid is not None
     assert clean._attn is not None and clean._heads is not None and clean._mlp is not None
-    n_sites, n_patch, d = values.shape
+    groups = [g if isinstance(g, tuple) else (g,) for g in parsed]
+    n_sites, (_, n_patch, d) = len(groups), values.shape
     n_rows = n_sites * n_patch
     n_heads = adapter.arch.n_heads
     dev = values.device
@@ -120,13 +134,27 @@ def patch_rows(
         return x.to(acc) @ w_acc
 
     # Entry key: embed -1; attention site of layer l: 2l; MLP site of layer l: 2l + 1.
-    keys = [-1 if s.kind == "embed" else 2 * s.layer + (s.kind == "mlp") for s in parsed]
+    def entry(s: Site) -> int:
+        return -1 if s.kind == "embed" else 2 * s.layer + (s.kind == "mlp")
+
+    keys = [entry(g[0]) for g in groups]
     order = sorted(range(n_sites), key=keys.__getitem__)
     sorted_keys = [keys[i] for i in order]
     order_t = torch.tensor(order, device=dev)
-    vals = values[order_t].reshape(n_rows, d)
-    row_head = torch.tensor([parsed[i].head for i in order], device=dev)
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + len(g))
+    first_t = torch.tensor([offsets[i] for i in order], device=dev)
+    vals = values[first_t].reshape(n_rows, d)
+    row_head = torch.tensor([groups[i][0].head for i in order], device=dev)
     row_head = row_head.repeat_interleave(n_patch)
+    # later members of sets: stage key -> [(first row, member, values [P, d])]
+    later: dict[int, list[tuple[int, Site, Tensor]]] = {}
+    for pos, i in enumerate(order):
+        for j, member in enumerate(groups[i][1:], start=1):
+            later.setdefault(entry(member), []).append(
+                (pos * n_patch, member, values[offsets[i] + j])
+            )
 
     def bound(k: int) -> int:  # number of rows whose entry key is < k
         return bisect.bisect_left(sorted_keys, k) * n_patch
@@ -171,6 +199,25 @@ def patch_rows(
                 num[rows, hcol + heads] = vals_w[run:a_end]
             else:
                 num[run:a_end, acol] = dot(a_ent)
+        # 2b. later members of sets at this layer's attention (the rows are all below a_end).
+        for r0, member, v in later.get(2 * layer, []):
+            r1 = r0 + n_patch
+            running = r0 < run
+            target = a_run[r0:r1] if running else a_ent[r0 - run : r1 - run]  # type: ignore[index]
+            if member.kind == "attn":
+                target.copy_(v)
+            else:
+                if running:
+                    zh = step.heads(layer, z[r0:r1])
+                    own = adapter.head_outputs(layer, zh)[:, member.head]
+                else:
+                    own = clean._heads[layer, member.head]
+                target += v - own
+            if head_gran:
+                num[r0:r1, hcol + member.head] = dot(v)
+            else:
+                num[r0:r1, acol] = dot(target)
+        mlp_later = later.get(2 * layer + 1, [])
         if not parallel:
             if a_run is not None:
                 z[:run] += a_run
@@ -178,6 +225,8 @@ def patch_rows(
                 torch.add(pre, a_ent, out=z[run:a_end])
             if a_end > 0:
                 m = step.mlp(layer, z[:a_end])
+                for r0, _, v in mlp_later:  # later members of sets at this MLP
+                    m[r0 : r0 + n_patch] = v
                 num[:a_end, mcol] = dot(m)
                 z[:a_end] += m
             if m_end > a_end:  # rows entering at this layer's MLP
@@ -186,10 +235,17 @@ def patch_rows(
         else:
             if a_run is not None:
                 m = step.mlp(layer, z[:run])  # reads the same residual as the attention
+                for r0, _, v in mlp_later:
+                    if r0 < run:
+                        m[r0 : r0 + n_patch] = v
                 num[:run, mcol] = dot(m)
                 z[:run] += a_run + m
             if a_ent is not None:
                 z[run:a_end] = pre + a_ent + clean._mlp[layer]
+                for r0, _, v in mlp_later:
+                    if r0 >= run:
+                        z[r0 : r0 + n_patch] += v - clean._mlp[layer]
+                        num[r0 : r0 + n_patch, mcol] = dot(v)
             if m_end > a_end:
                 z[a_end:m_end] = pre + clean._attn[layer] + vals[a_end:m_end]
                 num[a_end:m_end, mcol] = vals_w[a_end:m_end]
@@ -205,7 +261,7 @@ def patch_rows(
     sigma = sigma.view(n_sites, n_patch)[inv]
     centred = centred.view(n_sites, n_patch)[inv]
     return PatchedRun(
-        sites=[s.name for s in parsed],
+        sites=["+".join(m.name for m in g) for g in groups],
         readout_sites=list(clean.readout_sites),
         direct_effects=direct,
         sigma=sigma,

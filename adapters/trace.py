@@ -152,9 +152,15 @@ def record(
             for (kind, lay), entries in by.items():
                 if kind != "o_proj":
                     continue
-                for site, rows, _ in entries:  # read the patched head back
+                hits = torch.zeros(n_b, dtype=torch.long, device=tokens.device)
+                for _, rows, _ in entries:
+                    hits[rows] += 1
+                for site, rows, vals in entries:  # read the patched head back
                     others = head_vals[lay][rows].sum(-2) - head_vals[lay][rows, site.head]
-                    head_vals[lay][rows, site.head] = rec["attn"][lay][rows] - others
+                    back = rec["attn"][lay][rows] - others
+                    shared = hits[rows] > 1  # a set patched several heads of this layer
+                    back[shared] = vals[shared].to(back.dtype)
+                    head_vals[lay][rows, site.head] = back
     return Trace(
         embed=rec["pre"][0],
         pre=rec["pre"],
@@ -187,16 +193,20 @@ def centred_logit(adapter: Any, tr: Trace, token: int) -> Tensor:
 
 
 def reforward_patch(
-    adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
+    adapter: Any, clean: CleanRun, parsed: list[Site] | list[tuple[Site, ...]], values: Tensor
 ) -> PatchedRun:
     """do(site_s = values[s, p]) (checked [S, P, d] in the model's dtype) at the clean run's
-    position t for every (s, p): a batched hooked re-forward of the prompt, each row read out
-    at its own final scale (Eq 13), its centred logit the model's own and its total effect
-    against the clean run (Eq 12)."""
-    n_s, n_p, d = values.shape
+    position t for every (s, p) (a tuple of sites in ``parsed``: a set, every member patched
+    in its rows, ``values`` one entry per member, flattened): a batched hooked re-forward of
+    the prompt, each row read out at its own final scale (Eq 13), its centred logit the
+    model's own and its total effect against the clean run (Eq 12)."""
+    groups = [g if isinstance(g, tuple) else (g,) for g in parsed]
+    n_s, (_, n_p, d) = len(groups), values.shape
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + len(g))
     t = clean.position
     prompt = clean.tokens[: t + 1].to(adapter.device)
-    flat = values.reshape(n_s * n_p, d)
     chunk = max(1, ROW_BUDGET // ((t + 1) * d * 8))
     w, acc = clean.readout_dir, accumulation_dtype(adapter.dtype)
     head = clean.granularity == "head"
@@ -204,10 +214,11 @@ def reforward_patch(
     for start in range(0, n_s * n_p, chunk):
         rows = torch.arange(start, min(start + chunk, n_s * n_p), device=adapter.device)
         patches = []
-        for s_i, site in enumerate(parsed):
+        for s_i, group in enumerate(groups):
             mine = rows[(rows // n_p) == s_i]
             if len(mine):
-                patches.append((site, mine - start, flat[mine]))
+                for j, member in enumerate(group):  # a set: every member in the same rows
+                    patches.append((member, mine - start, values[offsets[s_i] + j, mine % n_p]))
         tokens = prompt[None].expand(len(rows), -1)
         at = torch.full((len(rows),), t, device=adapter.device)
         tr = record(adapter, tokens, at=at, patches=patches, heads=head, last_only=True)
@@ -218,7 +229,7 @@ def reforward_patch(
         centred.append(centred_logit(adapter, tr, clean.target))
     cent = torch.cat(centred).view(n_s, n_p)
     return PatchedRun(
-        sites=[s.name for s in parsed],
+        sites=["+".join(m.name for m in g) for g in groups],
         readout_sites=list(clean.readout_sites),
         direct_effects=torch.cat(direct).view(n_s, n_p, -1),
         sigma=torch.cat(sigma).view(n_s, n_p),

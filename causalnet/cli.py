@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     hydra.add_argument(
         "--sites",
         default=None,
-        help="comma-separated sites or globs to ablate, e.g. 'attn.*' or 'attn.12,mlp.12' "
+        help="comma-separated sites or globs to ablate, e.g. 'attn.*' or 'attn.12,mlp.12'; "
+        "'a+b' ablates a and b together in one run, e.g. 'attn.22+attn.23,attn.20' "
         "(default: all); every site is still read out",
     )
     hydra.add_argument(

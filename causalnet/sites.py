@@ -6,7 +6,9 @@ Names a person can type, numbered from 0 as in Hugging Face (``docs/conventions.
 - ``attn.l``: attention layer l's output (what it adds to the residual stream);
 - ``attn.l.hH``: head H of attention layer l (its output through its slice of the output
   projection); the heads of a layer sum to ``attn.l``;
-- ``mlp.l``: MLP layer l's output.
+- ``mlp.l``: MLP layer l's output;
+- ``a+b+...``: a set of sites ablated together in one run; its canonical name lists the
+  members in residual order (:func:`parse_site_set`; conventions: "Sets of sites").
 
 >>> parse_site("attn.12.h3")
 Site(name='attn.12.h3', kind='head', layer=12, head=3)
@@ -74,23 +76,111 @@ def is_downstream(readout: Site, ablated: Site, parallel_residual: bool) -> bool
     return readout.layer > ablated.layer
 
 
+@dataclass(frozen=True)
+class SiteSet:
+    """Sites ablated together in one run: ``members`` in residual order (at least two).
+
+    Its ``layer`` is the earliest member's; ``kind`` is ``"set"`` and ``head`` is -1.
+    """
+
+    name: str
+    members: tuple[Site, ...]
+    kind: str = "set"
+    head: int = -1
+
+    @property
+    def layer(self) -> int:
+        return self.members[0].layer
+
+    @property
+    def first(self) -> Site:
+        """The earliest member: Eq 33's downstream rule applies from it."""
+        return self.members[0]
+
+
+def residual_key(site: Site) -> tuple[int, int, int]:
+    """Residual order of a single site: embed, then per layer attn.l, its heads, mlp.l."""
+    rank = {"embed": 0, "attn": 0, "head": 1, "mlp": 2}[site.kind]
+    return (site.layer, rank, site.head)
+
+
+def is_site_set(name: str) -> bool:
+    """Whether ``name`` names a set of sites (contains ``+``)."""
+    return isinstance(name, str) and "+" in name
+
+
+def parse_site_set(name: str) -> SiteSet:
+    """Parse ``a+b+...`` into a :class:`SiteSet` whose members are sorted into residual order
+    (the canonical name joins them with ``+``). UnknownNodeError for an empty or unknown
+    member, a repeated member, or a set mixing a whole attention layer with heads (one
+    granularity per set)."""
+    parts = [p.strip() for p in name.split("+")]
+    if len(parts) < 2 or any(not p for p in parts):
+        raise UnknownNodeError(
+            f"site set {name!r} has an empty member; write members joined by '+', "
+            "e.g. 'attn.22+attn.23'"
+        )
+    members = [parse_site(p) for p in parts]
+    seen: set[str] = set()
+    for m in members:
+        if m.name in seen:
+            raise UnknownNodeError(f"site set {name!r} names {m.name!r} twice")
+        seen.add(m.name)
+    if any(m.kind == "attn" for m in members) and any(m.kind == "head" for m in members):
+        raise UnknownNodeError(
+            f"site set {name!r} mixes granularities: whole attention layers ('attn.L') and "
+            "heads ('attn.L.hH') cannot be in one set; use one or the other"
+        )
+    ordered = tuple(sorted(members, key=residual_key))
+    return SiteSet("+".join(m.name for m in ordered), ordered)
+
+
+def parse_unit(name: str) -> Site | SiteSet:
+    """A site (:func:`parse_site`) or, for a name with ``+``, a set (:func:`parse_site_set`)."""
+    if is_site_set(name):
+        return parse_site_set(name)
+    return parse_site(name)
+
+
+def members(name: str) -> list[str]:
+    """The member site names of a site or a set, in residual order (a site: itself)."""
+    unit = parse_unit(name)
+    return [m.name for m in unit.members] if isinstance(unit, SiteSet) else [unit.name]
+
+
+def unit_sort_key(name: str) -> tuple[int, int, int, int, str]:
+    """Residual order of a site or a set (by its earliest member; a site before the sets
+    that start at it)."""
+    unit = parse_unit(name)
+    if isinstance(unit, SiteSet):
+        return (*residual_key(unit.first), 1, unit.name)
+    return (*residual_key(unit), 0, "")
+
+
 def downstream_masks(
     ablated: list[str], readouts: list[str], parallel_residual: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boolean masks [n_ablated, n_readouts]: downstream attention, downstream MLP, self.
 
+    An ablated set (``a+b``) counts as its members together: "self" are its members, and
+    downstream are the sites downstream of its earliest member that are not members.
     Every readout that is neither downstream nor the ablated site itself is "upstream": its
     direct effect changes only through the final norm's scale sigma.
     """
-    a_sites = [parse_site(s) for s in ablated]
+    units = [parse_unit(s) for s in ablated]
+    firsts = [u.first if isinstance(u, SiteSet) else u for u in units]
+    own = [{m.name for m in u.members} if isinstance(u, SiteSet) else {u.name} for u in units]
     r_sites = [parse_site(s) for s in readouts]
     down = torch.tensor(
-        [[is_downstream(r, a, parallel_residual) for r in r_sites] for a in a_sites],
+        [
+            [is_downstream(r, a, parallel_residual) and r.name not in mine for r in r_sites]
+            for a, mine in zip(firsts, own, strict=True)
+        ],
         dtype=torch.bool,
-    ).reshape(len(a_sites), len(r_sites))
+    ).reshape(len(units), len(r_sites))
     is_attn = torch.tensor([r.is_attention for r in r_sites], dtype=torch.bool)
     is_mlp = torch.tensor([r.kind == "mlp" for r in r_sites], dtype=torch.bool)
     self_mask = torch.tensor(
-        [[r.name == a.name for r in r_sites] for a in a_sites], dtype=torch.bool
-    ).reshape(len(a_sites), len(r_sites))
+        [[r.name in mine for r in r_sites] for mine in own], dtype=torch.bool
+    ).reshape(len(units), len(r_sites))
     return down & is_attn, down & is_mlp, self_mask

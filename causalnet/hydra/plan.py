@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CausalNetError, ResultsError, ShapeError
-from ..sites import parse_site
+from ..sites import members, parse_site_set, parse_unit, unit_sort_key
 from .config import SweepConfig, site_patterns
 from .data import Prompt, PromptId, check_lengths, load_prompts
 from .pool import ablation_values, build_pool
@@ -71,19 +71,52 @@ class PromptRows:
 
 
 def select_sites(all_sites: list[str], spec: str | None) -> list[str]:
-    """The sites matching a comma-separated list of names or globs, in residual order."""
+    """The sites matching a comma-separated list of names or globs, in residual order.
+
+    An entry ``a+b+...`` is a set of sites ablated together in one row (``docs/conventions.md``,
+    "Sets of sites"): its members are exact site names of this model, and it is listed by its
+    canonical name (members in residual order) at its earliest member's place.
+    """
     if not spec:
         return list(all_sites)
     patterns = site_patterns(spec)
     if not patterns:
         raise CausalNetError(f"--sites {spec!r} names no site")
+    chosen: list[str] = []
     for pattern in patterns:
+        if "+" in pattern:
+            unit = parse_site_set(pattern)
+            unknown = [m.name for m in unit.members if m.name not in all_sites]
+            if unknown:
+                raise CausalNetError(
+                    f"--sites set {pattern!r}: member {unknown[0]!r} is not a site of this "
+                    f"model at this granularity; sites look like {all_sites[0]!r} .. "
+                    f"{all_sites[-1]!r} (no globs inside a set)"
+                )
+            chosen.append(unit.name)
+            continue
         if not fnmatch.filter(all_sites, pattern):
             raise CausalNetError(
                 f"--sites pattern {pattern!r} matches no site of this model; sites look like "
                 f"{all_sites[0]!r} .. {all_sites[-1]!r}"
             )
-    return [s for s in all_sites if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
+    singles = [s for s in all_sites if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
+    if not chosen:
+        return singles
+    return sorted(dict.fromkeys(singles + chosen), key=unit_sort_key)
+
+
+def pool_sites(sites: list[str], readout_sites: list[str]) -> list[str]:
+    """The columns of a sweep's ablation pool: every member site of the ablated sites and sets,
+    once, in residual order (the sites themselves when no set is ablated)."""
+    wanted = {m for s in sites for m in members(s)}
+    return [r for r in readout_sites if r in wanted]
+
+
+def member_columns(sites: list[str], columns: list[str]) -> Tensor:
+    """For each member of each ablated site (flattened, in order) its pool column."""
+    index = {c: j for j, c in enumerate(columns)}
+    return torch.tensor([index[m] for s in sites for m in members(s)], dtype=torch.long)
 
 
 def sweep_prompts(config: SweepConfig) -> list[Prompt]:
@@ -125,11 +158,12 @@ def plan_sweep(
     tokens = [adapter.encode(p.text) for p in prompts]
     check_lengths(prompts, [len(t) for t in tokens], adapter_max_length(adapter))
     sites, readout_sites = sweep_sites(config, adapter)
+    columns = pool_sites(sites, readout_sites)
     if pool is None:
-        site_index = torch.tensor([readout_sites.index(s) for s in sites])
+        site_index = torch.tensor([readout_sites.index(s) for s in columns])
         pool = build_pool(adapter, tokens, site_index, config.granularity, progress)
     else:
-        expected = (len(prompts), len(sites), adapter.arch.d_model)  # heads too: [d] each
+        expected = (len(prompts), len(columns), adapter.arch.d_model)  # heads too: [d] each
         if tuple(pool.shape) != expected:
             raise ShapeError(f"the pool has shape {tuple(pool.shape)}, expected {expected}")
         pool = pool.to(device=adapter.device)
@@ -143,6 +177,9 @@ def compute_prompt(
     config, prompt = plan.config, plan.prompts[index]
     clean = adapter.clean_run(plan.tokens[index], granularity=config.granularity)
     values, source_rows = ablation_values(config, plan.pool, index)
+    if any("+" in s for s in plan.sites):  # sets: one value per member, all from one source
+        columns = pool_sites(plan.sites, plan.readout_sites)
+        values = values[member_columns(plan.sites, columns).to(values.device)]
     patched = adapter.patch(clean, plan.sites, values.to(clean.site_values.dtype))
     source_ids = [plan.prompts[j].id for j in source_rows]
     effects, readouts, patches, patch_effects = prompt_tables(
@@ -194,22 +231,22 @@ def prompt_tables(
     r_index = {r: j for j, r in enumerate(readout_sites)}
     de_clean = clean.direct_effects.double().cpu()
     de_abl = patched.direct_effects.double().cpu()
-    parsed = [parse_site(s) for s in sites]
+    parsed = [parse_unit(s) for s in sites]
+    own_clean = [sum(float(de_clean[r_index[m]]) for m in members(s)) for s in sites]
     effects = pd.DataFrame(
         {
             "prompt_id": [prompt.id] * len(sites),
             "site": sites,
-            "kind": [p.kind for p in parsed],
+            "kind": [p.kind for p in parsed],  # "set" for a set; its layer: the earliest
             "layer": [p.layer for p in parsed],
             "head": [p.head for p in parsed],
             "target_token": target,
             "target_str": adapter.tokenizer.decode([target]),
             "target_is_true": true_token is not None and target == true_token,
-            "direct_effect": [float(de_clean[r_index[s]]) for s in sites],
+            "direct_effect": own_clean,
             "total_effect": dec.total.mean(1).numpy(),
             "total_effect_std": dec.total.std(1, unbiased=False).numpy(),
-            "direct_effect_ablated_self": dec.delta_self.mean(1).numpy()
-            + [float(de_clean[r_index[s]]) for s in sites],
+            "direct_effect_ablated_self": dec.delta_self.mean(1).numpy() + own_clean,
             "compensatory_effect": dec.compensatory.mean(1).numpy(),
             "compensatory_attn": dec.compensatory_attn.mean(1).numpy(),
             "compensatory_mlp": dec.compensatory_mlp.mean(1).numpy(),
@@ -228,7 +265,9 @@ def prompt_tables(
             "patch": [p for _ in range(n_s) for p in range(n_p)],
             "source_id": [str(patch_sources[p]) for _ in range(n_s) for p in range(n_p)],
             "total_effect": dec.total.reshape(-1).numpy(),
-            "direct_effect_ablated_self": (dec.delta_self + de_clean[_self_index(sites, r_index)])
+            "direct_effect_ablated_self": (
+                dec.delta_self + torch.tensor(own_clean, dtype=torch.float64)[:, None]
+            )
             .reshape(-1)
             .numpy(),
             **{name: part.reshape(-1).numpy() for name, part in _repair_columns(split, te_sigma)},
@@ -271,11 +310,6 @@ def _repair_columns(split: RepairSplit, te_sigma: Tensor) -> list[tuple[str, Ten
         ("repair_sibling", split.repair_sibling),
         ("total_effect_sigma_clean", te_sigma),
     ]
-
-
-def _self_index(sites: list[str], r_index: dict[str, int]) -> Tensor:
-    """[S, 1] indices of the ablated sites among the readouts (to broadcast over patches)."""
-    return torch.tensor([r_index[s] for s in sites]).unsqueeze(1)
 
 
 def attribute_first_token(adapter: TransformerAdapter, attribute: str | None) -> int | None:

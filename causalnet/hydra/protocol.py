@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InterventionError, ShapeError
-from ..sites import downstream_masks
+from ..sites import downstream_masks, members
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,9 @@ def split_repair(
 
     ``sigma_clean`` is the clean run's final scale, ``sigma_ablated`` [S, P] each ablated run's
     own; the other arguments are :func:`decompose`'s. Every ablated site must be a readout site
-    (its own term is Delta_DE(self)); InterventionError otherwise (e.g. a head ablated in a
-    layer-granularity run, whose layer would change without being downstream).
+    (its own term is Delta_DE(self); for a set, each member); InterventionError otherwise (e.g.
+    a head ablated in a layer-granularity run, whose layer would change without being
+    downstream).
 
     >>> import torch
     >>> r = split_repair(["attn.0"], ["embed", "attn.0", "mlp.0"], torch.tensor([1.0, 2.0, -2.0]),
@@ -173,7 +174,7 @@ def split_repair(
     >>> [float(x) for x in (r.delta_self, r.repair_mlp, r.repair_norm, r.repair_sibling)]
     [-2.0, 0.5, 0.5, 0.0]
     """
-    missing = [s for s in ablated_sites if s not in readout_sites]
+    missing = [s for s in ablated_sites if any(m not in readout_sites for m in members(s))]
     if missing:
         raise InterventionError(
             f"split_repair: ablated site(s) {missing[:4]} are not readout sites; the repair is "

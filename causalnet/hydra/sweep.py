@@ -60,6 +60,7 @@ from .plan import (
     attribute_first_token,
     compute_prompt,
     plan_sweep,
+    pool_sites,
     prompt_tables,
     select_sites,
     sweep_prompts,
@@ -139,7 +140,7 @@ def run_sweep(
     # plan
     stored = read_pool(out)
     if stored is not None:
-        stored.check([p.id for p in prompts], sweep_sites(config, adapter)[0])
+        stored.check([p.id for p in prompts], pool_sites(*sweep_sites(config, adapter)))
     pool = None if stored is None else stored.values
     plan = plan_sweep(config, adapter, progress, prompts=prompts, pool=pool)
     t_pool = time.perf_counter()
@@ -148,7 +149,9 @@ def run_sweep(
     store.open(args, resume=True)
     try:
         if stored is None:
-            save_pool(out, [p.id for p in prompts], plan.sites, plan.pool)
+            save_pool(
+                out, [p.id for p in prompts], pool_sites(plan.sites, plan.readout_sites), plan.pool
+            )
         done = store.completed_ids()
         todo = [i for i, p in enumerate(plan.prompts) if p.id not in done]
         executor = choose_executor(adapter, config, todo, workers, ray_address, executor)

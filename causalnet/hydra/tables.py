@@ -50,7 +50,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import ResultsError, UnknownNodeError
-from ..sites import parse_site
+from ..sites import parse_unit, unit_sort_key
 
 PromptId = int | str
 
@@ -174,11 +174,10 @@ TABLES = {
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def site_sort_key(name: str) -> tuple[int, int, int]:
-    """Residual order of a site: ``embed``, then per layer ``attn.l``, its heads, ``mlp.l``."""
-    site = parse_site(name)
-    rank = {"embed": 0, "attn": 0, "head": 1, "mlp": 2}[site.kind]
-    return (site.layer, rank, site.head)
+def site_sort_key(name: str) -> tuple[int, int, int, int, str]:
+    """Residual order of a site: ``embed``, then per layer ``attn.l``, its heads, ``mlp.l``; a
+    set of sites (``a+b``) right after its earliest member."""
+    return unit_sort_key(name)
 
 
 def encode_prompt_id(prompt_id: PromptId) -> str:
@@ -243,7 +242,7 @@ def to_arrow(table: Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Table
             if not isinstance(name, str):
                 raise ResultsError(f"{where}: column {col} holds {name!r}, not a site name")
             try:
-                parse_site(name)
+                parse_unit(name)
             except UnknownNodeError as err:
                 raise ResultsError(f"{where}: column {col}: {err}") from err
     if table.name == "effects":
@@ -294,7 +293,7 @@ def _is_missing(value: Any) -> bool:
 
 def _check_effects_sites(frame: pd.DataFrame, where: str) -> None:
     for row in frame[["site", "kind", "layer", "head"]].drop_duplicates().itertuples():
-        site = parse_site(row.site)
+        site = parse_unit(row.site)  # a set: kind "set", its earliest member's layer, head -1
         if (row.kind, row.layer, row.head) != (site.kind, site.layer, site.head):
             raise ResultsError(
                 f"{where}: site {row.site!r} has kind/layer/head {row.kind!r}/{row.layer}/"
