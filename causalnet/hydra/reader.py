@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ResultsError
 from .folder import check_results_folder, read_run_json
-from .shards import iter_shards, scan_completed, shard_path, shard_schema
+from .shards import iter_shards, scan_completed, shard_path, shard_schema, to_frame
 from .tables import PromptId
 
 
@@ -80,13 +80,13 @@ class ResultsReader:
                 table = pq.read_table(path, filters=filters)
             except (OSError, pa.ArrowException) as err:
                 raise ResultsError(f"{path} is unreadable: {err}") from err
-            return (table.schema.empty_table() if wanted == set() else table).to_pandas()
+            return to_frame(table.schema.empty_table() if wanted == set() else table)
         ids = self._sorted_ids()
         schema = shard_schema(self.shards, ids[0], name)
         if wanted is not None:
             ids = [i for i in ids if i in wanted]
         tables = list(iter_shards(self.shards, ids, name))
-        return pa.concat_tables(tables).to_pandas() if tables else schema.empty_table().to_pandas()
+        return to_frame(pa.concat_tables(tables) if tables else schema.empty_table())
 
     # ---- shards ----------------------------------------------------------------------------
     def _sorted_ids(self) -> list[PromptId]:

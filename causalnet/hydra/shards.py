@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -129,7 +130,7 @@ def iter_shards(shards: Path, ids: list[PromptId], name: str) -> Iterator[pa.Tab
                 f"{path} holds rows of prompt(s) {sorted(ids_in, key=str)[:5]}, expected "
                 f"only {pid!r}: duplicated or misplaced rows"
             )
-        check_duplicates(table, shard.to_pandas(), str(path))
+        check_duplicates(table, to_frame(shard), str(path))
         yield shard
 
 
@@ -156,3 +157,13 @@ def write_consolidated(target: Path, schema: pa.Schema, tables: Iterable[pa.Tabl
                 writer.write_table(chunk, row_group_size=ROW_GROUP_ROWS)
 
     atomic_write(target, write)
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """A table's columns as a pandas frame, its schema-level metadata ignored.
+
+    pandas rebuilds indexes and dtypes from a ``b"pandas"`` metadata entry when one is present;
+    causalnet writes none (its tables have fixed schemas, :mod:`.tables`), so a file whose entry
+    was filled by someone else is read from its columns alone rather than trusted.
+    """
+    return table.replace_schema_metadata(None).to_pandas()

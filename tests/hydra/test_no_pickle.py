@@ -81,6 +81,13 @@ def _arrow_extension_pickle(path: Path, marker: Path) -> None:
     pq.write_table(table.cast(table.schema.set(1, field)), path)
 
 
+def _pandas_metadata_pickle(path: Path, marker: Path) -> None:
+    """Keep the parquet file readable but fill its schema's ``pandas`` entry (which pandas reads
+    to rebuild indexes and dtypes) with pickle bytes."""
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({b"pandas": _pickle_bytes(marker)}), path)
+
+
 PLANTS = {
     # name: (plant(folder, marker), what a resume must do: "ok" or a ResultsError match)
     "legacy pool.pt": (lambda f, m: _torch_pickle(f / "pool.pt", m), "pool.pt"),
@@ -121,6 +128,14 @@ PLANTS = {
     "a shard column carries a pickled arrow extension type": (
         lambda f, m: _arrow_extension_pickle(_shard(f, "effects"), m),
         "ok",  # read as its plain storage type; the pickle is never loaded
+    ),
+    "a shard's pandas metadata is a pickle": (
+        lambda f, m: _pandas_metadata_pickle(_shard(f, "readouts"), m),
+        "ok",  # read from its columns alone; the metadata is never looked at
+    ),
+    "effects.parquet's pandas metadata is a pickle": (
+        lambda f, m: _pandas_metadata_pickle(f / "effects.parquet", m),
+        "ok",
     ),
     "the lock file is a pickle": (lambda f, m: (f / ".lock").write_bytes(_pickle_bytes(m)), "ok"),
 }
