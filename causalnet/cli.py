@@ -235,7 +235,7 @@ def _print_report(results: str, csv: str | None, every_column: bool) -> None:
     import pandas as pd
 
     from .errors import ResultsError
-    from .hydra.analysis import fraction_restored, summary_table
+    from .hydra.analysis import fraction_restored, has_single_sites, set_table, summary_table
     from .hydra.store import ResultsStore
 
     # --csv into a missing folder is an error (checked before any work), not a folder created
@@ -246,20 +246,32 @@ def _print_report(results: str, csv: str | None, every_column: bool) -> None:
     if target is not None and not target.parent.is_dir():
         raise ResultsError(f"--csv {csv}: the folder {target.parent} does not exist; create it")
     effects = ResultsStore(results).load_effects()
-    table = summary_table(effects)
-    if target is not None:
-        try:
-            table.to_csv(target, index=False)
-        except OSError as err:
-            raise ResultsError(f"--csv {csv}: cannot write the file: {err}") from err
-    shown = table if every_column else table[REPORT_COLUMNS]
-    with pd.option_context("display.max_rows", None, "display.width", 200):
-        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    restored = fraction_restored(effects)
-    for r in restored.overall.itertuples():
-        print(f"fraction restored, all {r.kind} ablations: {r.fraction_restored:.3f} (n={r.n})")
-    for r in restored.peak.itertuples():
-        print(f"peak fraction restored, {r.kind}: {r.fraction_restored:.3f} at layer {r.layer}")
+    sets = set_table(effects)
+    if not has_single_sites(effects):  # a folder of sets only: no per-layer table
+        if target is not None:
+            raise ResultsError(f"--csv {csv}: {results} holds only sets of sites: no layer table")
+        print("no single-site rows: every ablated site is a set (per-layer table omitted)")
+    else:
+        table = summary_table(effects)
+        if target is not None:
+            try:
+                table.to_csv(target, index=False)
+            except OSError as err:
+                raise ResultsError(f"--csv {csv}: cannot write the file: {err}") from err
+        shown = table if every_column else table[REPORT_COLUMNS]
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        restored = fraction_restored(effects)
+        for r in restored.overall.itertuples():
+            print(f"fraction restored, all {r.kind} ablations: {r.fraction_restored:.3f} (n={r.n})")
+        for r in restored.peak.itertuples():
+            print(f"peak fraction restored, {r.kind}: {r.fraction_restored:.3f} at layer {r.layer}")
+    if not sets.empty:
+        columns = ["site", "members", *REPORT_COLUMNS[1:]]
+        shown = sets if every_column else sets[columns]
+        print("\nsets of sites ablated together (one row per set; not in the layer rows above):")
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

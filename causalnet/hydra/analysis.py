@@ -36,6 +36,11 @@ ablation, or resample ablations whose patches carry no direct effect of their ow
 observation of that layer (heads are pooled, not summed: a head ablation removes one head).
 The embedding is kind ``"embed"``, layer -1. Rows are ordered embed, attn, head, mlp, then by
 layer. Statistics with fewer than two observations, or no variance in x, are NaN.
+
+**Sets.** Rows of a set of sites ablated together (kind ``"set"``, e.g. ``attn.1+attn.2``;
+docs/conventions.md "Sets of sites") are not observations of any layer: every per-(kind, layer)
+statistic here leaves them out (:func:`single_site_rows`), and :func:`set_table` gives the same
+statistics per set, one row each.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ import pandas as pd
 from ..errors import ResultsError
 
 KIND_ORDER = ("embed", "attn", "head", "mlp")
+
+#: The ``kind`` of an effects row whose site is a set of sites ablated together.
+SET_KIND = "set"
 
 _NEEDED = (
     "kind",
@@ -283,7 +291,7 @@ def fraction_restored(effects: pd.DataFrame, min_removed_share: float = 0.1) -> 
                     g["_removed"].to_numpy(), g["compensatory_effect"].to_numpy()
                 ),
             }
-            for kind, g in frame.groupby("kind", sort=False)
+            for kind, g in single_site_rows(frame).groupby("kind", sort=False)
         ]
     )
     overall = _order(overall, by_layer=False)
@@ -305,9 +313,38 @@ def summary_table(effects: pd.DataFrame) -> pd.DataFrame:
         fraction_restored(effects).per_layer,
     ):
         table = table.merge(part, on=keys, how="left", validate="one_to_one")
-    residual = identity_residual(effects).abs().groupby([effects["kind"], effects["layer"]]).max()
+    singles = single_site_rows(effects)
+    residual = identity_residual(singles).abs().groupby([singles["kind"], singles["layer"]]).max()
     residual = residual.rename("max_abs_identity_residual").reset_index()
     return table.merge(residual, on=["kind", "layer"], how="left", validate="one_to_one")
+
+
+def single_site_rows(effects: pd.DataFrame) -> pd.DataFrame:
+    """The rows of single ablated sites: every row but the sets' (kind ``"set"``)."""
+    return effects[effects["kind"] != SET_KIND]
+
+
+def has_single_sites(effects: pd.DataFrame) -> bool:
+    """Whether any row ablates a single site (a folder may hold sets only)."""
+    return bool((effects["kind"] != SET_KIND).any())
+
+
+def set_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """:func:`summary_table`'s statistics per set of sites (rows of kind ``"set"``): one row
+    per set, its own rows only (a set is no observation of a layer). Columns: site (the
+    canonical ``a+b`` name), members (count), layer (the earliest member's), n, then
+    :func:`summary_table`'s statistic columns (without the per-kind peak flags). Empty (with
+    these columns' keys) when no row is a set."""
+    _check(effects)
+    sets = effects[effects["kind"] == SET_KIND]
+    if sets.empty:
+        return pd.DataFrame(columns=["site", "members", "layer", "n"])
+    # Each set is its own group: its name stands in for the kind, so the per-(kind, layer)
+    # machinery computes exactly the per-set statistics.
+    table = summary_table(sets.assign(kind=sets["site"]))
+    table = table.drop(columns=["eligible", "is_peak"]).rename(columns={"kind": "site"})
+    table.insert(1, "members", table["site"].map(lambda s: len(str(s).split("+"))))
+    return table.sort_values(["layer", "site"]).reset_index(drop=True)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -334,8 +371,15 @@ def _order(frame: pd.DataFrame, by_layer: bool = True) -> pd.DataFrame:
 def _per_layer(
     effects: pd.DataFrame, stats: Callable[[pd.DataFrame], dict[str, float]]
 ) -> pd.DataFrame:
-    """Apply ``stats(group) -> dict`` per (kind, layer); columns kind, layer, n, then stats."""
+    """Apply ``stats(group) -> dict`` per (kind, layer) of the single-site rows (sets left
+    out); columns kind, layer, n, then stats."""
     _check(effects)
+    effects = single_site_rows(effects)
+    if effects.empty:
+        raise ResultsError(
+            "effects table has only rows of sets of sites (kind 'set'): no per-layer statistic; "
+            "see the per-set table (set_table, 'causalnet report')"
+        )
     rows = []
     for (kind, layer), group in effects.groupby(["kind", "layer"], sort=False):
         rows.append({"kind": kind, "layer": int(layer), "n": len(group), **stats(group)})

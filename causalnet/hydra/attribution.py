@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InterventionError, ModelError, ShapeError, UnknownNodeError
-from ..sites import parse_site
+from ..sites import is_site_set, members, parse_unit
 from .pool import ablation_values
 
 if TYPE_CHECKING:
@@ -55,12 +55,18 @@ def node_gradients(
     nodes: Sequence[str],
     outcome: Outcome,
     do: Mapping[str, DoValue] | None = None,
+    hold_at: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """(natural values, gradients, outcome) of one differentiable run of ``scm``.
 
     ``outcome`` is a node whose value is [B] or a function ``values -> [B]``. The gradient of
     node Z is dY_b/dz_b for each context b, of Z's full shape [B, ...] (zero where Z does not
     reach Y). ``do`` may fix other nodes; an asked node may not be intervened on.
+
+    ``hold_at``: a position (dimension 1). The asked nodes' values there are cut from what
+    computes them, so at that position the gradient of each asked node holds the others fixed:
+    the partial derivatives of one joint intervention on all of them there (a set of sites),
+    not the total derivative through the later ones.
     """
     do = dict(do or {})
     clash = sorted(set(nodes) & set(do))
@@ -74,6 +80,10 @@ def node_gradients(
                 raise ShapeError(f"node {name!r} holds {natural.dtype} values: no gradient")
             leaf = torch.zeros_like(natural, requires_grad=True)
             leaves[name] = leaf
+            if hold_at is not None:
+                held = torch.zeros_like(natural, dtype=torch.bool)
+                held[:, hold_at] = True
+                natural = torch.where(held, natural.detach(), natural)
             return natural + leaf
 
         return add_zero
@@ -195,6 +205,47 @@ def prompt_gradients(
     )
 
 
+def set_estimate(
+    adapter: TransformerAdapter,
+    tokens: Tensor,
+    site_set: str,
+    patch_values: Tensor,
+    granularity: str = "layer",
+    scm: SCM | None = None,
+) -> Tensor:
+    """AtP total effects [P] of one set of sites ablated together (``a+b``, docs/conventions.md
+    "Sets of sites"): the first-order term of the joint intervention, in float64,
+
+        TE_AtP = sum over members m of (v'_m - v_m) . dY/dv_m (the other members held),
+
+    the partial derivatives at t with every other member's value there fixed
+    (:func:`node_gradients`' ``hold_at``): a later member is patched, so the path from an earlier
+    member through it is cut, as in the exact run. ``patch_values`` [n_members, P, d]: each
+    member's patch values (members in residual order). One more forward and backward pass.
+    """
+    from ..adapters.scm import to_scm
+
+    names = members(site_set)
+    if scm is None:
+        scm = to_scm(adapter, granularity)
+    tokens = torch.as_tensor(tokens).reshape(1, -1).to(adapter.device)
+    t = tokens.shape[1] - 1
+    if patch_values.dim() != 3 or patch_values.shape[0] != len(names):
+        raise ShapeError(
+            f"patch values of set {site_set!r} have shape {tuple(patch_values.shape)}, expected "
+            f"({len(names)}, n_patches, d)"
+        )
+
+    def centred(values: Mapping[str, Tensor]) -> Tensor:
+        logits = values["logits"][:, t]
+        return logits[:, int(logits[0].detach().argmax())] - logits.mean(-1)
+
+    natural, grads, _ = node_gradients(scm, {"tokens": tokens}, names, centred, hold_at=t)
+    v = torch.stack([natural[m][0, t] for m in names]).double()[:, None]
+    g = torch.stack([grads[m][0, t] for m in names]).double()[:, None]
+    return ((patch_values.double().to(v.device) - v) * g).sum(-1).sum(0)
+
+
 def attribution_table(
     adapter: TransformerAdapter, plan: SweepPlan, indices: Sequence[int] | None = None
 ) -> pd.DataFrame:
@@ -202,19 +253,30 @@ def attribution_table(
 
     The patch values are the sweep's own (``ablation_values(plan.config, plan.pool, index)``),
     so row (u, k) estimates the ``total_effect`` of the sweep's row (u, k): the mean over the
-    same patches (Eq 39) of (v_p - v) . dY/dv. Columns: prompt_id, site, kind, layer, head,
-    target_token, clean_centred_logit, atp_total_effect, atp_total_effect_std (over patches).
+    same patches (Eq 39) of (v_p - v) . dY/dv. A set of sites (kind ``"set"``) is estimated by
+    :func:`set_estimate` (its members' terms summed, the other members held). Columns:
+    prompt_id, site, kind, layer, head, target_token, clean_centred_logit, atp_total_effect,
+    atp_total_effect_std (over patches).
     """
     from ..adapters.scm import to_scm
+    from .plan import pool_sites
 
     granularity = plan.config.granularity
     scm = to_scm(adapter, granularity)
-    parsed = [parse_site(s) for s in plan.sites]
+    parsed = [parse_unit(s) for s in plan.sites]
+    columns = pool_sites(plan.sites, plan.readout_sites)  # the pool's (member) columns
     frames = []
     for index in range(len(plan.prompts)) if indices is None else indices:
         grads = prompt_gradients(adapter, plan.tokens[index], granularity, scm)
         values, _ = ablation_values(plan.config, plan.pool, index)
-        est = grads.estimate(plan.sites, values).cpu()
+        rows = []
+        for site in plan.sites:
+            own = values[[columns.index(m) for m in members(site)]]
+            if is_site_set(site):
+                rows.append(set_estimate(adapter, plan.tokens[index], site, own, granularity, scm))
+            else:
+                rows.append(grads.estimate([site], own)[0])
+        est = torch.stack(rows).cpu()
         frames.append(
             pd.DataFrame(
                 {

@@ -8,6 +8,7 @@ Per row ``error = atp_total_effect - total_effect``.
 - :func:`per_layer`: per (kind, layer) the Pearson and Spearman correlation of the estimate
   with the exact total effect over prompts (heads pooled per layer), the mean absolute and RMS
   error, the RMS error relative to the RMS exact effect, and the share of rows whose sign agrees.
+  A set of sites ablated together (kind ``"set"``) is its own group, one row per set.
 - :func:`disagreements`: the rows where they disagree most, with each row's compensation and
   its rank.
 - :func:`compensation_link`: whether those are the rows with the largest compensation: the
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ResultsError
-from .analysis import KIND_ORDER, pearson
+from .analysis import KIND_ORDER, SET_KIND, pearson
 
 _EXACT = (
     "prompt_id",
@@ -84,11 +85,13 @@ def joined(atp: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
 
 
 def per_layer(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (kind, layer) of the ablated site, from :func:`joined`'s rows: n, mean_exact,
-    mean_atp, pearson, spearman, mean_abs_error, rms_error, rms_exact, relative_rms_error
+    """Per (kind, layer) of the ablated site, from :func:`joined`'s rows -- a set of sites
+    (kind ``"set"``) per set, named in ``site`` ("" for a layer's row): n, mean_exact, mean_atp,
+    pearson, spearman, mean_abs_error, rms_error, rms_exact, relative_rms_error
     (rms_error / rms_exact), sign_agreement, mean_abs_compensation."""
     out = []
-    for (kind, layer), g in rows.groupby(["kind", "layer"], sort=False):
+    rows = rows.assign(_set=rows["site"].where(rows["kind"] == SET_KIND, ""))
+    for (kind, layer, site), g in rows.groupby(["kind", "layer", "_set"], sort=False):
         exact, atp = g["total_effect"].to_numpy(), g["atp_total_effect"].to_numpy()
         err = atp - exact
         rms_exact = float(np.sqrt(np.mean(exact**2)))
@@ -97,6 +100,7 @@ def per_layer(rows: pd.DataFrame) -> pd.DataFrame:
             {
                 "kind": kind,
                 "layer": int(layer),
+                "site": site,
                 "n": len(g),
                 "mean_exact": float(exact.mean()),
                 "mean_atp": float(atp.mean()),
@@ -114,7 +118,7 @@ def per_layer(rows: pd.DataFrame) -> pd.DataFrame:
     rank = table["kind"].map({k: i for i, k in enumerate(KIND_ORDER)}).fillna(len(KIND_ORDER))
     return (
         table.assign(_rank=rank)
-        .sort_values(["_rank", "layer"])
+        .sort_values(["_rank", "layer", "site"])
         .drop(columns="_rank")
         .reset_index(drop=True)
     )

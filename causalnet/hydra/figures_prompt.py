@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import ResultsError
-from ..sites import parse_site
+from ..sites import SiteSet, parse_site, parse_unit
 from .figures_style import (
     ABLATED,
     CLEAN,
@@ -92,7 +92,10 @@ def _draw_prompt(
     ablated_site: str,
 ) -> None:
     curves = _prompt_curves(readouts, patches, prompt_id, ablated_site)
-    ablated = parse_site(ablated_site)
+    ablated = parse_unit(ablated_site)  # a set: a dashed line at each member's layer
+    marked = sorted(
+        {m.layer for m in ablated.members} if isinstance(ablated, SiteSet) else {ablated.layer}
+    )
     for ax, panel in zip(axes, ("attn", "mlp"), strict=True):
         c = curves.get(panel)
         if c is None:
@@ -110,8 +113,9 @@ def _draw_prompt(
             label=f"{ablated_site} ablated (mean"
             + (f" of {len(c['patches'])} patches)" if len(c["patches"]) else ")"),
         )
-        if ablated.layer >= 0:
-            ax.axvline(ablated.layer, color="black", linestyle="--", linewidth=1)
+        for layer in marked:
+            if layer >= 0:
+                ax.axvline(layer, color="black", linestyle="--", linewidth=1)
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_title(f"{'attention' if panel == 'attn' else 'MLP'} direct effects")
         layer_axis(ax, "layer")
@@ -131,7 +135,8 @@ def plot_prompt(
     """Figure 1: one prompt's direct effect per layer (Delta_unembed, Eq 10) in the clean run
     (blue) and after ablating ``ablated_site`` (solid red: the mean over patches of Eq 13's
     ablated direct effects; faint red: each patch, when ``patches`` holds this prompt's
-    per-patch rows); dashed line at the ablated layer. Attention and MLP panels. Returns path.
+    per-patch rows); dashed line at the ablated layer (a set of sites: at each member's).
+    Attention and MLP panels. Returns path.
     """
     return save_figure(figure_prompt(readouts, prompt_id, ablated_site, patches, title), path)
 

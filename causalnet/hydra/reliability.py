@@ -15,6 +15,9 @@ whose resampling unit is the prompt (:func:`bootstrap_ratios`). :func:`top_rows`
 ablated site, the top K% of rows by |direct effect| (Rushing & Nanda 2024 report K = 2).
 :func:`format_repair_table` renders a table as text or markdown (``causalnet report
 --repair``).
+
+A set of sites ablated together (kind ``"set"``) is its own group, one row per set (``site`` its
+name, ``layer`` its earliest member's), never pooled with a layer nor with other sets.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, ResultsError
-from .analysis import KIND_ORDER
+from .analysis import KIND_ORDER, SET_KIND
 from .store import REPAIR_COLUMNS, ResultsStore
 
 #: The parts of the repair, as (column, short name), in the order they are reported.
@@ -131,11 +134,13 @@ def repair_table(
 ) -> pd.DataFrame:
     """Per (kind, layer): the repair fraction, its parts and the over-correction and
     anti-repair shares, each with its 95% prompt-bootstrap interval (module doc). With
-    ``pooled``: one row per kind (all its layers, ``layer`` -1; embed stays embed).
+    ``pooled``: one row per kind (all its layers, ``layer`` -1; embed stays embed). Sets
+    (kind ``"set"``): one row per set (module doc), left out of the pooled rows.
 
-    Columns: kind, layer, n_prompts, n_rows, rms_removed, then for each statistic X of
-    ``repair``, ``attn``, ``mlp``, ``norm``, ``sibling`` (fractions), ``over`` and ``anti``
-    (shares): ``X``, ``X_lo``, ``X_hi``. ``top``: only :func:`top_rows` with that percent.
+    Columns: kind, layer, site (a set's name; "" for a layer's row), n_prompts, n_rows,
+    rms_removed, then for each statistic X of ``repair``, ``attn``, ``mlp``, ``norm``,
+    ``sibling`` (fractions), ``over`` and ``anti`` (shares): ``X``, ``X_lo``,
+    ``X_hi``. ``top``: only :func:`top_rows` with that percent.
     """
     rows = repair_rows(effects)
     if top is not None:
@@ -143,9 +148,12 @@ def repair_table(
     names = ["repair", *(name for _, name in PARTS)]
     columns = ["repair", *(col for col, _ in PARTS)]
     out = []
+    is_set = rows["kind"] == SET_KIND
     if pooled:
-        rows = rows.assign(layer=-1)
-    for (kind, layer), group in rows.groupby(["kind", "layer"], sort=False):
+        rows = rows[~is_set].assign(layer=-1, _set="")
+    else:
+        rows = rows.assign(_set=rows["site"].where(is_set, ""))
+    for (kind, layer, site), group in rows.groupby(["kind", "layer", "_set"], sort=False):
         removed = group["removed"].to_numpy()
         nonzero = removed != 0
         ratio = np.divide(
@@ -171,6 +179,7 @@ def repair_table(
         record = {
             "kind": kind,
             "layer": int(layer),
+            "site": site,
             "n_prompts": len(per_prompt),
             "n_rows": len(group),
             "rms_removed": float(np.sqrt(np.mean(removed * removed))),
@@ -181,11 +190,11 @@ def repair_table(
                 record[f"{key}_lo"] = stats[1][j]
                 record[f"{key}_hi"] = stats[2][j]
         out.append(record)
-    table = pd.DataFrame(out)
+    table = pd.DataFrame(out, columns=None if out else ["kind", "layer", "site"])
     rank = table["kind"].map({k: i for i, k in enumerate(KIND_ORDER)}).fillna(len(KIND_ORDER))
     return (
         table.assign(_rank=rank)
-        .sort_values(["_rank", "layer"])
+        .sort_values(["_rank", "layer", "site"])
         .drop(columns="_rank")
         .reset_index(drop=True)
     )
@@ -217,6 +226,8 @@ def format_repair_table(table: pd.DataFrame, markdown: bool = False) -> str:
         site = "embed" if row["kind"] == "embed" else f"{row['kind']}.{row['layer']}"
         if row["layer"] == -1 and row["kind"] != "embed":
             site = f"all {row['kind']}"
+        if row["kind"] == SET_KIND:
+            site = row["site"]
         lines.append(
             [site, str(row["n_rows"]), f"{row['rms_removed']:.3f}"]
             + [cell(row, key) for key, _ in SHOWN]

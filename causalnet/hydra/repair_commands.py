@@ -78,7 +78,7 @@ def attribution_report(
     from .config import SweepConfig
     from .devices import load_for_config
     from .fingerprints import model_fingerprint, prompts_fingerprint
-    from .plan import plan_sweep, sweep_prompts, sweep_sites
+    from .plan import plan_sweep, pool_sites, sweep_prompts, sweep_sites
     from .pool import read_pool
 
     store = ResultsStore(results)
@@ -95,7 +95,7 @@ def attribution_report(
     pool = read_pool(Path(results))
     if pool is None:
         raise ResultsError(f"{results} holds no ablation pool (pool.json): cannot re-draw patches")
-    pool.check([p.id for p in prompts], sweep_sites(config, adapter)[0])
+    pool.check([p.id for p in prompts], pool_sites(*sweep_sites(config, adapter)))
     plan = plan_sweep(config, adapter, prompts=prompts, pool=pool.values)
     effects = store.load_effects()
     done = set(effects["prompt_id"])

@@ -18,6 +18,11 @@ compensatory effect CE (attention part: the Hydra effect; MLP part: less erasure
   (against its chance level for k heads drawn at random from the same candidates) and the mean
   pairwise Spearman correlation of the candidates' repair over prompts. High overlap and rank
   correlation mean the same heads compensate in every context (the paper's question).
+
+A set of sites ablated together (``attn.1+attn.2``, docs/conventions.md "Sets of sites") is
+one ablated site of the map: its downstream readouts are those downstream of its earliest
+member that are not members (Eq 33 as the sweep applies it). The replacement heads are per
+ablated head; sets are left out of them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ResultsError
-from ..sites import is_downstream, parse_site
+from ..sites import Site, SiteSet, is_downstream, parse_site, parse_unit
 from .store import site_sort_key
 
 _READOUTS = ("prompt_id", "ablated_site", "readout_site", "delta_de")
@@ -72,6 +77,16 @@ def infer_parallel_residual(effects: pd.DataFrame, readouts: pd.DataFrame) -> bo
     return misfit[True] < misfit[False]
 
 
+def is_downstream_of(readout: Site, ablated: Site | SiteSet, parallel_residual: bool) -> bool:
+    """Eq 33 for a single ablated site or a set: a set's downstream sites are those downstream
+    of its earliest member that are not members."""
+    if isinstance(ablated, SiteSet):
+        if readout in ablated.members:
+            return False
+        return is_downstream(readout, ablated.first, parallel_residual)
+    return is_downstream(readout, ablated, parallel_residual)
+
+
 def compensation_map(readouts: pd.DataFrame, parallel_residual: bool = False) -> pd.DataFrame:
     """Mean Delta_DE (Eq 34) of every downstream readout site per ablated site, over prompts.
 
@@ -82,9 +97,9 @@ def compensation_map(readouts: pd.DataFrame, parallel_residual: bool = False) ->
     """
     _check(readouts)
     pairs = readouts[["ablated_site", "readout_site"]].drop_duplicates()
-    parsed = {s: parse_site(s) for s in pd.unique(pairs.values.ravel())}
+    parsed = {s: parse_unit(s) for s in pd.unique(pairs.values.ravel())}
     down = [
-        is_downstream(parsed[r], parsed[a], parallel_residual)
+        is_downstream_of(parsed[r], parsed[a], parallel_residual)
         for a, r in zip(pairs["ablated_site"], pairs["readout_site"], strict=True)
     ]
     kept = pairs[down]
@@ -143,7 +158,7 @@ def replacement_heads(
     _check(readouts)
     if k < 1:
         raise ResultsError(f"k must be >= 1, got {k}")
-    heads = readouts[readouts["ablated_site"].map(lambda s: parse_site(s).kind == "head")]
+    heads = readouts[readouts["ablated_site"].map(lambda s: parse_unit(s).kind == "head")]
     if heads.empty:
         raise ResultsError(
             "no head was ablated in these readouts: run the sweep with --granularity head"
