@@ -14,6 +14,12 @@ Where the hooks sit (family modules from :meth:`TransformerAdapter.hook_points`)
   a forward hook replaces head H's contribution: out += v - contrib_H(z), where
   contrib_H(z) = o_proj(z with the other heads zeroed) - (1 - 1/H) o_proj(0) (the projection's
   bias split equally over the heads), computed with the module's own ``forward``;
+- heads under a norm after the attention (``arch.sublayer_norms``, Gemma 3; docs/conventions.md
+  "Heads under a norm after the attention"): ``hook_points().attn`` is that norm, and a head's
+  value is its share ``gamma * o_h / sigma(o)`` of attn.l. The patch hook on the output
+  projection moves head H's pre-norm term, ``o += (v - share_H) * sigma(o) / gamma`` (coordinates
+  with gamma = 0 keep it), and the model's own norm module renormalises; heads are read back as
+  shares at the run's own sigma(o'), the frame read from the norm module (:func:`post_norm_frame`);
 - z^L: a pre-hook on the final norm.
 
 Every hook counts its calls; a patch hook or a recording hook that did not run raises
@@ -66,6 +72,38 @@ def head_contributions(o_proj: nn.Module, z: Tensor, n_heads: int) -> Tensor:
     masked = (z.view(n, 1, n_heads, d_head) * eye[None, :, :, None]).reshape(n, n_heads, width)
     zero = o_proj.forward(z.new_zeros(1, width))
     return o_proj.forward(masked) - zero * (n_heads - 1) / n_heads
+
+
+def post_norm_frame(norm: nn.Module, o: Tensor) -> tuple[Tensor, Tensor]:
+    """``(1 / sigma(o) [N, 1], gamma [d])`` of an RMS norm module after the attention, for its
+    inputs o [N, d], in float64 for float64 inputs (else float32): norm(o) = o / sigma(o) * gamma.
+
+    Read from the module itself, not from an adapter: its ``eps`` (or ``variance_epsilon``), its
+    gain found by running the module (``forward``: no hooks) on a row of ones and matching
+    ``weight`` or ``1 + weight``, and checked against the module's own output on o. A norm that
+    is not of that form raises InterventionError naming it (never a silent wrong share).
+    """
+    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    weight = getattr(norm, "weight", None)
+    name = type(norm).__name__
+    if not isinstance(eps, float) or not isinstance(weight, Tensor):
+        raise InterventionError(f"the norm after the attention ({name}) has no float eps / weight")
+    with torch.no_grad():
+        x = o.to(acc)
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ones = torch.ones(1, o.shape[-1], dtype=o.dtype, device=o.device)
+        probe = norm.forward(ones)[0].to(acc) * (1.0 + eps) ** 0.5
+        w = weight.to(acc)
+        gamma = next((g for g in (w, 1.0 + w) if torch.allclose(probe, g, atol=1e-3)), None)
+        expect = x * inv * (probe if gamma is None else gamma)
+        off = float((norm.forward(o).to(acc) - expect).abs().max())
+    if gamma is None or off > 1e-4 * (1.0 + float(expect.abs().max())):
+        raise InterventionError(
+            f"the norm after the attention ({name}) is not o / sqrt(mean(o^2) + eps) * gamma with "
+            f"gamma = weight or 1 + weight (off by {off:.3g}): its heads have no shares"
+        )
+    return inv, gamma
 
 
 class _Hooks:
@@ -191,12 +229,29 @@ def _naive_batch(
 
         return hook
 
-    def o_proj_patch(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        hooks.count("patch")
-        contrib = head_contributions(module, args[0][:, t], n_heads)[:, s.head]
-        out = output.clone()
-        out[:, t] = out[:, t] - contrib + values
-        return out
+    post_norm = adapter.arch.sublayer_norms  # heads are shares at the post-attention norm
+    o_out: dict[int, Tensor] = {}
+    moved: dict[int, Tensor] = {}  # the patched head's pre-norm term moved by (acc dtype)
+
+    def o_proj_out(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            hooks.count(f"o_out.{layer}")
+            if s.kind == "head" and s.layer == layer:
+                hooks.count("patch")
+                contrib = head_contributions(module, args[0][:, t], n_heads)[:, s.head]
+                output = output.clone()
+                if post_norm:
+                    inv, gamma = post_norm_frame(adapter.hook_points(layer).attn, output[:, t])
+                    share = contrib.to(inv.dtype) * inv * gamma
+                    delta = (values.to(inv.dtype) - share) / (inv * gamma)
+                    moved[layer] = torch.where(gamma != 0, delta, torch.zeros_like(delta))
+                    output[:, t] = (output[:, t].to(inv.dtype) + moved[layer]).to(output.dtype)
+                else:
+                    output[:, t] = output[:, t] - contrib + values
+            o_out[layer] = output[:, t].clone()
+            return output
+
+        return hook
 
     def final_pre(module: nn.Module, args: tuple) -> None:
         hooks.count("final")
@@ -213,8 +268,9 @@ def _naive_batch(
             )
             hooks.add(pts.mlp.register_forward_hook(output_hook(mlp_name, "mlp", layer)), mlp_name)
             hooks.add(pts.o_proj.register_forward_pre_hook(o_proj_pre(layer)), f"o_proj.{layer}")
-            if s.kind == "head" and s.layer == layer:
-                hooks.add(pts.o_proj.register_forward_hook(o_proj_patch), "patch")
+            if post_norm or (s.kind == "head" and s.layer == layer):
+                o_key = f"o_out.{layer}"
+                hooks.add(pts.o_proj.register_forward_hook(o_proj_out(layer)), o_key)
         hooks.add(adapter.final_norm_module().register_forward_pre_hook(final_pre), "final")
         hooks.calls.setdefault("patch", 0)
         with torch.no_grad():
@@ -229,7 +285,13 @@ def _naive_batch(
             if granularity == "head":
                 pts = adapter.hook_points(layer)
                 heads = head_contributions(pts.o_proj, z_in[layer], n_heads)
-                if s.kind == "head" and s.layer == layer:
+                if post_norm:  # shares at this run's own sigma(o'), the moved term included
+                    inv, gamma = post_norm_frame(pts.attn, o_out[layer])
+                    heads = heads.to(inv.dtype)
+                    if layer in moved:
+                        heads[:, s.head] += moved[layer]
+                    heads = (heads * inv[:, None] * gamma).to(o_out[layer].dtype)
+                elif s.kind == "head" and s.layer == layer:
                     # read the patched head back: the layer's output minus the other heads
                     others = heads.sum(1) - heads[:, s.head]
                     heads[:, s.head] = got[f"attn.{layer}"] - others

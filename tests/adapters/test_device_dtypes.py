@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import REPRESENTATIVE
 
 from causalnet.adapters import adapt
 from causalnet.adapters.naive import naive_patch, naive_readout
@@ -28,13 +29,7 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)),
 ]
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-FAMILIES = [
-    "llama-tied-gqa",
-    "qwen2-bias",
-    "neox-sequential",
-    "gpt2-inverse-layer-idx",
-    "gptj-partial-rotary",
-]
+FAMILIES = REPRESENTATIVE  # for cost: one tiny model per adapter and residual wiring
 
 
 @pytest.fixture(autouse=True)

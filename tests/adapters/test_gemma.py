@@ -3,7 +3,11 @@ at the post-attention norm's scale, a head's patch recomputing that norm (docs/c
 
 A tiny seeded Gemma3ForCausalLM (grouped key/value heads, q/k norms, attention biases, a
 sliding window of 3 on layers 0 and 2 shorter than the 7-token prompt, separate rotary tables
-per layer type, every norm gain randomised). Tolerances (max abs difference): logits and
+per layer type, every norm gain randomised): the registry's ``gemma3-post-norms``
+(tests/adapters/tiny_models.py), which the shared tests also run. The oracle for head patches is
+adapters/naive.py's ``naive_patch``: the Hugging Face model's own modules with hooks, moving the
+head's pre-norm term inside o_proj's output and letting the model's own post-attention norm
+renormalise. Tolerances (max abs difference): logits and
 patches vs Hugging Face and the naive hooked re-forward 1e-4 in float32; in float64 1e-10 for
 the logits and the patch (the adapter calls the model's own norm modules), 1e-6 where the exact
 linear decomposition meets a logit (Gemma's RMSNorm computes in float32 even in float64).
@@ -13,53 +17,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB, build_gemma3
 from torch import Tensor, nn
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM
 
 from causalnet.adapters import adapt
 from causalnet.adapters.gemma import GemmaAdapter
-from causalnet.adapters.naive import head_contributions, naive_patch, naive_readout
+from causalnet.adapters.naive import naive_patch, naive_readout
 from causalnet.adapters.scm import to_scm
 from causalnet.errors import ModelError
 
-VOCAB = 101
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 DECOMPOSITION_ATOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
 
-def build(dtype: torch.dtype = torch.float32, **overrides: object) -> Gemma3ForCausalLM:
-    config = dict(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=96,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        sliding_window=3,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        query_pre_attn_scalar=16,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-        },
-        attention_bias=True,
-        initializer_range=0.15,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    config.update(overrides)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**config))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:  # norm gains (used as 1 + g) and biases, randomised
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval().to(dtype)
+build = build_gemma3  # the registry's tiny Gemma 3 ("gemma3-post-norms"), seeded
 
 
 def prompt(n: int = 7, seed: int = 123) -> Tensor:
@@ -143,82 +116,6 @@ def test_the_scm_view_reproduces_the_logits() -> None:
     assert (values["logits"] - ref).abs().max() <= 1e-10
 
 
-def hooked_head_patch(
-    model: nn.Module, tokens: Tensor, layer: int, head: int, values: Tensor
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """The oracle for a head patch under the post-attention norm: the Hugging Face model itself,
-    run once per batch of patches with PyTorch hooks (no adapter block method).
-
-    At the last position t, a forward hook on layers[layer].self_attn.o_proj moves head ``head``'s
-    term o_h (the module's own forward on the heads with the others zeroed) by
-    (v - share_h) * sigma(o) / gamma on the coordinates with gamma != 0; the model's own
-    post_attention_layernorm then renormalises. Recorded at t: the embedding (layer 0's input),
-    every layer's heads as shares gamma * o_k / sigma(o) of the o_proj output actually used, the
-    post-feedforward norm outputs, and z^L (the final norm's input). Returns (logits at t [P, V],
-    readout site -> [P, d], z^L [P, d]).
-    """
-    cfg = model.config
-    n_heads, t = cfg.num_attention_heads, tokens.shape[0] - 1
-    layers = model.model.layers
-    got: dict[str, Tensor] = {}
-    moved: dict[int, Tensor] = {}
-
-    def frame(norm: nn.Module, o: Tensor) -> tuple[Tensor, Tensor]:
-        acc = torch.float64 if o.dtype == torch.float64 else torch.float32
-        inv = torch.rsqrt(o.to(acc).pow(2).mean(-1, keepdim=True) + norm.eps)
-        return inv, 1.0 + norm.weight.to(acc)
-
-    def o_proj_hook(i: int):
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            got[f"z{i}"] = args[0][:, t].clone()
-            if i == layer:
-                inv, gamma = frame(layers[i].post_attention_layernorm, out[:, t])
-                term = head_contributions(module, args[0][:, t], n_heads)[:, head]
-                share = term.to(inv.dtype) * inv * gamma
-                delta = (values.to(inv.dtype) - share) / (inv * gamma)
-                delta = torch.where(gamma != 0, delta, torch.zeros_like(delta))
-                moved[i] = delta
-                out = out.clone()
-                out[:, t] = (out[:, t].to(inv.dtype) + delta).to(out.dtype)
-            got[f"o{i}"] = out[:, t].clone()
-            return out
-
-        return hook
-
-    def record(key: str):
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            got[key] = (args[0] if out is None else out)[:, t].clone()
-
-        return hook
-
-    handles = [layers[0].register_forward_pre_hook(lambda m, a: got.update(embed=a[0][:, t]))]
-    handles.append(
-        model.model.norm.register_forward_pre_hook(lambda m, a: record("final")(m, a, None))
-    )
-    for i, block in enumerate(layers):
-        handles.append(block.self_attn.o_proj.register_forward_hook(o_proj_hook(i)))
-        handles.append(block.post_feedforward_layernorm.register_forward_hook(record(f"mlp{i}")))
-    batch = tokens[None].expand(values.shape[0], -1)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=batch, use_cache=False).logits[:, t]
-    finally:
-        for h in handles:
-            h.remove()
-    sites: dict[str, Tensor] = {"embed": got["embed"]}
-    with torch.no_grad():
-        for i, block in enumerate(layers):
-            terms = head_contributions(block.self_attn.o_proj, got[f"z{i}"], n_heads)
-            inv, gamma = frame(block.post_attention_layernorm, got[f"o{i}"])
-            terms = terms.to(inv.dtype)
-            if i in moved:
-                terms[:, head] += moved[i]
-            for k in range(n_heads):
-                sites[f"attn.{i}.h{k}"] = (terms[:, k] * inv * gamma).to(got["embed"].dtype)
-            sites[f"mlp.{i}"] = got[f"mlp{i}"]
-    return logits, sites, got["final"]
-
-
 def build_with_a_zero_gain(dtype: torch.dtype) -> Gemma3ForCausalLM:
     """The tiny model with one post-attention gain coordinate exactly 0 (as layers 0 and 3 of
     Gemma 3 270M have): the shares cannot see it, so a patch keeps o_h there."""
@@ -248,7 +145,7 @@ def test_clean_head_shares_match_the_hooked_model_and_sum_to_the_centred_logit(d
     tokens = prompt()
     clean = a.clean_run(tokens, granularity="head")
     no_op = clean.value("attn.0.h0")[None]  # the hooks run, the patch moves nothing
-    _, sites, _ = hooked_head_patch(model, tokens, 0, 0, no_op)
+    sites = naive_patch(a, tokens, "attn.0.h0", no_op, granularity="head").site_values
     for site in clean.readout_sites:
         assert (sites[site][0] - clean.value(site)).abs().max() <= ATOL[dtype], site
     total = float(clean.direct_effects.sum()) + clean.readout_const
@@ -274,11 +171,8 @@ def test_head_patch_recomputes_the_norm_as_the_hooked_reforward_does(dtype) -> N
     # to float32, so one-ulp float32 flips (~1e-7 relative, measured up to 1e-6) reach the logit
     tol = ATOL[dtype] if dtype == torch.float32 else 1e-5
     for i, site in enumerate(sites):
-        layer, head = int(site.split(".")[1]), int(site.split(".h")[1])
-        logits, got, final = hooked_head_patch(model, tokens, layer, head, values[i])
-        centred = logits[:, clean.target] - logits.mean(-1)
-        sigma = a.final_scale(final)
-        direct = torch.stack([got[r] for r in clean.readout_sites], 1) @ w / sigma[:, None]
+        naive = naive_patch(a, tokens, site, values[i], granularity="head", batched=True)
+        centred, direct, sigma = naive_readout(a, naive, clean.target)
         assert (run.centred_logit[i] - centred).abs().max() <= tol, site
         assert (run.total_effect[i] - (centred - clean.centred_logit)).abs().max() <= tol, site
         assert (run.sigma[i] - sigma).abs().max() <= tol, site

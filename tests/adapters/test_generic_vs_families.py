@@ -2,17 +2,18 @@
 
 The hand-written adapters compute with their own block methods and the fast final-position
 patch engine; the generic adapter hooks the model's own forward. Independent code, same
-numbers: clean runs and patches agree to 1e-5 in float32 (1e-8 in float64) of the compared
-quantity's scale (at least 1) on every tiny model of the shared registry (``tiny`` fixture) and
-on a tiny Gemma 3; on the bundled SmolLM2 clean runs to 1e-5 of their scale and resample patches
-to 1e-4.
+numbers: clean runs and patches agree to 1e-5 in float32 (1e-8 in float64, or the model's
+``norm_atol`` where its block norms round to float32: Gemma 3) of the compared quantity's scale
+(at least 1) on every tiny model of the shared registry (``tiny`` fixture, Gemma 3 included); on
+the bundled SmolLM2 clean runs to 1e-5 of their scale and resample patches to 1e-4. Head
+granularity where the generic adapter offers it: it refuses heads under a post-attention norm
+(its ``head_refusal``), which the hand-written Gemma 3 adapter defines as shares.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from causalnet.adapters import TransformerAdapter, adapt, load
 from causalnet.adapters.generic import GenericAdapter
@@ -26,15 +27,17 @@ def _agree(
     granularity: str,
     source: torch.Tensor | None = None,
     patch_atol: float | None = None,
+    generic: GenericAdapter | None = None,
+    atol: float | None = None,
 ) -> None:
     """Clean runs, then patches of every site: random values, or with ``source`` the site
     values of that prompt's clean run (a resample ablation)."""
-    generic = adapt(hand.model, generic=True)
+    generic = adapt(hand.model, generic=True) if generic is None else generic
     assert isinstance(generic, GenericAdapter)
     assert generic.arch.parallel_residual == hand.arch.parallel_residual
     assert generic.sites(granularity) == hand.sites(granularity)
     a, b = hand.clean_run(tokens, granularity), generic.clean_run(tokens, granularity)
-    atol = ATOL[hand.dtype] * max(1.0, float(a.direct_effects.abs().max()))
+    atol = (atol or ATOL[hand.dtype]) * max(1.0, float(a.direct_effects.abs().max()))
     assert a.target == b.target
     assert a.centred_logit == pytest.approx(b.centred_logit, abs=atol)
     assert a.sigma == pytest.approx(b.sigma, rel=atol)
@@ -54,32 +57,17 @@ def _agree(
 
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_generic_and_hand_written_adapters_agree(tiny, granularity):
-    _agree(tiny.adapter, tiny.tokens, granularity)
+    generic = adapt(tiny.model, generic=True)
+    if granularity == "head" and generic.head_refusal is not None:
+        # refused exactly where heads sit under a post-attention norm (the registry's fact)
+        assert tiny.spec.post_norm_heads, generic.head_refusal
+        pytest.skip(f"the generic adapter refuses heads here: {generic.head_refusal}")
+    _agree(tiny.adapter, tiny.tokens, granularity, generic=generic, atol=_atol(tiny))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_generic_and_hand_written_gemma3_agree(dtype):
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        vocab_size=101,
-        max_position_embeddings=64,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        query_pre_attn_scalar=8,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = Gemma3ForCausalLM(config).eval().to(dtype)
-    tokens = torch.randint(0, 101, (7,), generator=torch.Generator().manual_seed(1))
-    _agree(adapt(model), tokens, "layer")
+def _atol(tiny) -> float:
+    """1e-5 / 1e-8, or the float32 rounding of the model's own block norms (``norm_atol``)."""
+    return max(ATOL[tiny.dtype], tiny.norm_atol if tiny.dtype == torch.float64 else 0.0)
 
 
 @pytest.mark.slow

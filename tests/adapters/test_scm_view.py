@@ -1,5 +1,6 @@
-"""The adapter as a causalnet SCM (:func:`causalnet.adapters.scm.to_scm`), on tiny seeded models
-of all three families (Llama, GPT-2, GPT-NeoX with both residual wirings).
+"""The adapter as a causalnet SCM (:func:`causalnet.adapters.scm.to_scm`), on the registry's
+representative tiny models (tests/adapters/tiny_models.py: one per hand-written adapter and
+residual wiring, Gemma 3 included).
 
 - ``scm.run`` reproduces the Hugging Face logits (float32 <= 1e-4, float64 <= 1e-10);
 - the graph is the model's real compute graph in the unrolled view (Eqs 21-24);
@@ -12,108 +13,48 @@ of all three families (Llama, GPT-2, GPT-NeoX with both residual wirings).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import pytest
 import torch
+from tiny_models import DTYPES, REPRESENTATIVE, TINY_MODELS, make_tiny
 from torch import Tensor, nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
-from causalnet.adapters import TransformerAdapter, adapt
+from causalnet.adapters import TransformerAdapter
 from causalnet.adapters.scm import at_positions, to_scm
 from causalnet.errors import CausalNetError, ShapeError
 
 VOCAB = 101
 D = 64
-DTYPES = {"f32": torch.float32, "f64": torch.float64}
 ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
-# Effects read through the final norm: Hugging Face's RMSNorm (Llama) normalises in float32 even
-# in a float64 model, so the logits of a float64 Llama carry float32 rounding (~1e-7 relative).
-# The LayerNorm families compute in the model's dtype.
-EFFECT_ATOL = {
-    (torch.float32, "rms"): 1e-4,
-    (torch.float32, "layer"): 1e-4,
-    (torch.float64, "rms"): 2e-6,
-    (torch.float64, "layer"): 1e-10,
-}
-COMMON = dict(vocab_size=VOCAB, initializer_range=0.15, bos_token_id=0, eos_token_id=0)
-
-
-def _randomise(model: nn.Module, seed: int) -> nn.Module:
-    """Norm gains ~1 and biases ~0 randomised (seeded), so that they are exercised; eval mode."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                noise = torch.randn(p.shape, generator=gen)
-                parent = name.split(".")[-2]
-                is_gain = ("norm" in parent or parent.startswith("ln")) and name.endswith("weight")
-                p.copy_(1.0 + 0.3 * noise if is_gain else 0.1 * noise)
-    return model.eval()
-
-
-def _llama() -> nn.Module:
-    config = LlamaConfig(
-        hidden_size=D,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        **COMMON,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _gpt2() -> nn.Module:
-    return GPT2LMHeadModel(GPT2Config(n_embd=D, n_layer=3, n_head=4, n_positions=64, **COMMON))
-
-
-def _neox(parallel: bool) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        config = GPTNeoXConfig(
-            hidden_size=D,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=64,
-            rotary_pct=0.25,
-            use_parallel_residual=parallel,
-            **COMMON,
-        )
-        return GPTNeoXForCausalLM(config)
-
-    return build
-
-
-def _gptj() -> nn.Module:
-    config = GPTJConfig(n_embd=D, n_layer=3, n_head=4, rotary_dim=8, n_positions=64, **COMMON)
-    return GPTJForCausalLM(config)
-
-
-FAMILIES: dict[str, Callable[[], nn.Module]] = {
-    "llama": _llama,
-    "gpt2": _gpt2,
-    "neox-parallel": _neox(True),
-    "neox-sequential": _neox(False),
-    "gptj": _gptj,
-}
-PARALLEL = {"neox-parallel", "gptj"}  # attention and MLP read the same residual
 
 
 def make(family: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, TransformerAdapter]:
-    torch.manual_seed(0)
-    model = _randomise(FAMILIES[family](), seed=0).to(dtype)
-    return model, adapt(model)
+    """A fresh (private) copy of one registry model: some tests here edit its weights."""
+    tiny = make_tiny(family, dtype)
+    return tiny.model, tiny.adapter
+
+
+def norm_tol(family: str, dtype: torch.dtype) -> float:
+    """float64: the model's float32 rounding inside its block norms (``f64_norm_tol``)."""
+    return 1e-5 if dtype == torch.float32 else TINY_MODELS[family].f64_norm_tol
+
+
+def view_tol(family: str, granularity: str, scale: Tensor | float = 1.0) -> float:
+    """The SCM view vs the adapter's forward, float64: 1e-12; heads under a post-attention norm
+    (shares that sum to attn.l up to the norm's float32 rounding): the spec's f64_norm_tol,
+    relative to the compared quantity's scale (at least 1)."""
+    spec = TINY_MODELS[family]
+    if granularity == "head" and spec.post_norm_heads:
+        return spec.f64_norm_tol * max(1.0, float(scale))
+    return 1e-12
+
+
+def effect_atol(family: str, dtype: torch.dtype) -> float:
+    """Effects read through the final norm vs the adapter's readout: float32 1e-4; float64 the
+    model's decomposition tolerance (float32 rounding where Hugging Face's RMSNorm normalises
+    in float32 even in a float64 model: twice the spec's ``f64_logit_tol``, an effect being a
+    difference of two logits; see its ``tol_reason``)."""
+    return 1e-4 if dtype == torch.float32 else 2 * TINY_MODELS[family].f64_logit_tol
 
 
 def prompt(n: int = 7, seed: int = 123) -> Tensor:
@@ -126,7 +67,7 @@ def centred_at_final(logits: Tensor, token: int) -> Tensor:
     return last[:, token] - last.mean(-1)
 
 
-@pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
+@pytest.fixture(params=REPRESENTATIVE, ids=REPRESENTATIVE)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -145,7 +86,11 @@ def test_run_reproduces_the_hugging_face_logits(family, dtype, granularity) -> N
         values = to_scm(a, granularity).run({"tokens": tokens})
         ref = model(input_ids=tokens, use_cache=False).logits
     assert values["logits"].shape == ref.shape
-    assert (values["logits"] - ref).abs().max() <= ATOL[dtype]
+    # head view: the residual sums the head shares, equal to attn.l only up to the float32
+    # rounding of the model's post-attention norm (the spec's f64_norm_tol, x10 through the
+    # final norm and the unembedding)
+    tol = ATOL[dtype] if granularity == "layer" else max(ATOL[dtype], 10 * norm_tol(family, dtype))
+    assert (values["logits"] - ref).abs().max() <= tol
 
 
 @pytest.mark.parametrize("granularity", ["layer", "head"])
@@ -157,13 +102,14 @@ def test_node_values_are_the_adapters_sites_and_sum_to_the_final_residual(
     with torch.no_grad():
         values = to_scm(a, granularity).run({"tokens": tokens})
     run = a.forward(tokens, granularity=granularity)
+    tol = view_tol(family, granularity, run.resid_final.abs().max())
     for site in a.readout_sites(granularity):
-        assert (values[site] - run.values[site]).abs().max() <= 1e-12, site
+        assert (values[site] - run.values[site]).abs().max() <= tol, site
     last = f"resid.{a.arch.n_layers - 1}"
     total = sum(values[s] for s in a.readout_sites(granularity))  # Eq 21
-    assert (values[last] - total).abs().max() <= 1e-12
-    assert (values[last] - run.resid_final).abs().max() <= 1e-12
-    assert (values["sigma"] - run.sigma).abs().max() <= 1e-12
+    assert (values[last] - total).abs().max() <= tol
+    assert (values[last] - run.resid_final).abs().max() <= tol
+    assert (values["sigma"] - run.sigma).abs().max() <= tol
 
 
 # ---- the graph -------------------------------------------------------------------------------
@@ -172,7 +118,7 @@ def test_graph_follows_the_models_real_residual_wiring(family, granularity) -> N
     _, a = make(family)
     scm = to_scm(a, granularity)
     edges = set(scm.graph.edges)
-    parallel = family in PARALLEL
+    parallel = TINY_MODELS[family].parallel
     assert a.arch.parallel_residual is parallel
     n_heads = a.arch.n_heads
     for layer in range(a.arch.n_layers):
@@ -216,13 +162,14 @@ def test_head_view_carries_nothing_from_one_run_to_the_next(family) -> None:
                 p.mul_(1.1)  # weights are read by reference: the next run must see the change
         second = scm.run(ctx, do={"embed": held})
     run = a.forward(ctx["tokens"], granularity="head")
+    tol = view_tol(family, "head", run.resid_final.abs().max())
     for site in a.readout_sites("head"):
-        assert (second[site] - run.values[site]).abs().max() <= 1e-12, site
+        assert (second[site] - run.values[site]).abs().max() <= tol, site
     assert (second["attn.0.h3"] - first["attn.0.h3"]).abs().max() > 1e-3
 
 
 def test_unknown_granularity_raises() -> None:
-    _, a = make("gpt2")
+    _, a = make("gpt2-inverse-layer-idx")
     with pytest.raises(CausalNetError, match="granularity"):
         to_scm(a, "neuron")  # type: ignore[arg-type]
 
@@ -243,7 +190,7 @@ def test_direct_effect_of_zero_ablation_is_minus_the_clean_direct_effect_eq28(
             de = scm.direct_effect(site, "logits", ctx, value=at_positions(0.0))
             assert de[:, :-1].abs().max() == 0.0, site  # causal: earlier positions untouched
             got = float(centred_at_final(de, clean.target)[0])
-            atol = EFFECT_ATOL[dtype, a.arch.norm]
+            atol = effect_atol(family, dtype)
             assert abs(got + float(clean.direct_effects[j])) <= atol, site
 
 
@@ -251,6 +198,12 @@ def test_direct_effect_of_zero_ablation_is_minus_the_clean_direct_effect_eq28(
 def test_total_effect_of_a_final_position_patch_equals_the_fast_patch(
     family, dtype, granularity
 ) -> None:
+    if granularity == "head" and TINY_MODELS[family].post_norm_heads:
+        pytest.skip(
+            "the SCM view's head nodes add to the residual stream; the adapter's head patch "
+            "under a post-attention norm renormalises attn.l (docs/conventions.md), a different "
+            "intervention: to_scm does not model it yet"
+        )
     _, a = make(family, dtype)
     tokens = prompt()
     clean = a.clean_run(tokens, granularity=granularity)
@@ -268,7 +221,7 @@ def test_total_effect_of_a_final_position_patch_equals_the_fast_patch(
             te = scm.total_effect(site, "logits", ctx, value=at_positions(values[s]))
             assert te[:, :-1].abs().max() == 0.0, site  # causal: earlier positions untouched
             got = float(centred_at_final(te, clean.target)[0])
-            atol = EFFECT_ATOL[dtype, a.arch.norm]
+            atol = effect_atol(family, dtype)
             assert abs(got - float(fast.total_effect[s, 0])) <= atol, site
             assert abs(got) > 1e-3, site  # the intervention did something
 
@@ -302,7 +255,7 @@ def test_the_logits_read_the_final_scale_from_the_sigma_node(family) -> None:
         doubled = scm.run({"tokens": tokens[None]}, do={"sigma": at_positions(2 * clean.sigma)})
     got = float(centred_at_final(doubled["logits"], clean.target)[0])
     expect = float(clean.direct_effects.sum()) / 2 + clean.readout_const
-    assert abs(got - expect) <= EFFECT_ATOL[torch.float64, a.arch.norm]
+    assert abs(got - expect) <= effect_atol(family, torch.float64)
 
 
 # ---- at_positions ----------------------------------------------------------------------------

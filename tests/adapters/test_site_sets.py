@@ -13,7 +13,7 @@ import torch
 from causalnet.adapters.generic import GenericAdapter
 from causalnet.adapters.naive import naive_readout
 from causalnet.adapters.naive_sets import naive_patch_set
-from causalnet.errors import UnknownNodeError
+from causalnet.errors import InterventionError, UnknownNodeError
 from causalnet.sites import downstream_masks, members, parse_site_set
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -76,6 +76,12 @@ def test_fast_engine_patches_every_member_of_a_set_as_the_hooked_reforward(tiny,
     a = tiny.adapter
     if a.arch.n_layers < 2 or a.arch.n_heads < 4:
         pytest.skip("needs 2 layers and 4 heads")
+    if granularity == "head" and tiny.spec.post_norm_heads:
+        clean = a.clean_run(tiny.tokens, granularity="head")
+        values = torch.stack([clean.value("attn.1.h0"), clean.value("attn.1.h2")])[None, None]
+        with pytest.raises(InterventionError, match="sets of heads"):  # refused with the reason
+            a.patch(clean, ["attn.1.h0+attn.1.h2"], values)
+        pytest.skip("sets of heads under a post-attention norm are refused (checked above)")
     _check_against_naive(a, tiny.tokens, granularity, _set_sites(a, granularity))
 
 
