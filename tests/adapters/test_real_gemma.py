@@ -5,8 +5,8 @@ Loaded through the verified cache (``$CAUSALNET_CACHE``, built from the joined G
 ~3 min). Tolerances (float32, 18 layers, centred logits ~10-40, residual entries up to ~1e4):
 adapter vs Hugging Face logits 1e-3; the exact identities of the adapter's own arithmetic 1e-3
 (relative 1e-5 for the residual stream); fast patch vs the naive hooked Hugging Face re-forward
-(layers: :func:`naive_patch`; heads: the hooked oracle of tests/adapters/test_gemma.py, the
-post-attention norm recomputed by the model) 1e-3.
+(:func:`naive_patch`; for heads its post-norm path: the head's pre-norm term moved inside
+o_proj's output, the post-attention norm recomputed by the model) 1e-3.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from importlib import resources
 
 import pytest
 import torch
-from test_gemma import hooked_head_patch
 
 from causalnet.adapters import load
 from causalnet.adapters import loading as L
@@ -128,13 +127,10 @@ def test_head_patch_recomputes_the_norm_as_the_hooked_reforward(gemma, records):
     sites = ["attn.0.h1", "attn.3.h2", "attn.9.h0", "attn.17.h3"]
     values = torch.stack([torch.stack([s.value(site) for s in sources]) for site in sites])
     run = gemma.patch(clean, sites, values)
-    w, const = gemma.readout(clean.target)
+    _, const = gemma.readout(clean.target)
     for i, site in enumerate(sites):
-        layer, head = int(site.split(".")[1]), int(site.split(".h")[1])
-        logits, got, final = hooked_head_patch(gemma.model, tokens, layer, head, values[i])
-        centred = logits[:, clean.target] - logits.mean(-1)
-        sigma = gemma.final_scale(final)
-        direct = torch.stack([got[r] for r in clean.readout_sites], 1) @ w / sigma[:, None]
+        naive = naive_patch(gemma, tokens, site, values[i], granularity="head")
+        centred, direct, sigma = naive_readout(gemma, naive, clean.target)
         assert (run.centred_logit[i] - centred).abs().max() <= 1e-3, site
         assert (run.direct_effects[i] - direct).abs().max() <= 1e-3, site
         assert (run.sigma[i] - sigma).abs().max() <= 1e-3 * sigma.abs().max(), site
