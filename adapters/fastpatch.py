@@ -84,8 +84,8 @@ def _hooks(adapter: Any, hooks: HookSet, state: _Layer, want_z: bool) -> None:
         if p.o_proj is not None and want_z:
             hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre)
             hooks.post(p.o_proj[layer], f"patch.{layer}", o_post)
-        hooks.post(p.attn[layer], f"attn.{layer}", attn_post)
-        hooks.post(p.mlp[layer], f"mlp.{layer}", mlp_post)
+        hooks.part(p.blocks[layer], p.attn[layer], f"attn.{layer}", attn_post)
+        hooks.part(p.blocks[layer], p.mlp[layer], f"mlp.{layer}", mlp_post)
 
 
 def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor) -> PatchedRun:

@@ -62,7 +62,9 @@ def head_term(proj: nn.Module, z: Tensor, heads: Tensor, n_heads: int) -> Tensor
 
 
 def _linear_like(module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, Conv1D)
+    """An ``nn.Linear`` (or a subclass of it, e.g. Falcon's ``FalconLinear``: its per-head
+    terms are checked against its recorded output before use) or a ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def in_width(module: nn.Module) -> int:
@@ -83,7 +85,10 @@ def find_o_proj(
     if n_heads < 1:
         return None, "the number of heads is unknown (declare n_heads)"
     tol = tolerance(attn_out.dtype)
-    why = "no nn.Linear / Conv1D output projection whose output is the attention part's output"
+    why = (
+        "no nn.Linear / Conv1D output projection whose output is the attention part's output "
+        "(e.g. a mixture of attention experts, or an operation after the projection)"
+    )
     for name in candidates:
         mod = modules[name]
         if not _linear_like(mod) or name not in inputs or name not in outputs:

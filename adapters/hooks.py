@@ -95,6 +95,29 @@ class HookSet:
         """``fn(module, args, output) -> output | None`` after ``module`` runs."""
         self.handles.append(module.register_forward_hook(self._wrap(key, fn)))
 
+    def part(self, block: nn.Module, module: nn.Module, key: str, fn: Callable) -> None:
+        """:meth:`post` on a part of ``block`` whose output may come flattened to [B*T, d]
+        (OPT's ``fc2`` runs on the block's stream reshaped to [B*T, d]): ``fn`` sees it as
+        [B, T, d] (the block's hidden-state input's leading shape); what it returns goes back
+        in the module's own shape."""
+        lead: dict[str, torch.Size] = {}
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = hidden_in(args, kwargs)
+            if x is not None and x.ndim == 3:
+                lead["bt"] = x.shape[:2]
+
+        def post(mod: nn.Module, args: tuple, output: Any) -> Any:
+            y = first(output)
+            bt = lead.get("bt")
+            if y is None or y.ndim != 2 or bt is None or y.shape[0] != bt[0] * bt[1]:
+                return fn(mod, args, output)
+            out = fn(mod, args, with_first(output, y.view(*bt, y.shape[-1])))
+            return None if out is None else with_first(out, first(out).reshape(y.shape))
+
+        self.handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        self.post(module, key, post)
+
     def check(self, must_fire: list[str] | None = None) -> None:
         keys = self.calls if must_fire is None else must_fire
         silent = [k for k in keys if self.calls.get(k, 0) == 0]

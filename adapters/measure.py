@@ -27,6 +27,7 @@ class Recording:
         self.out: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
         self.order: dict[str, int] = {}
+        self.bt = tuple(tokens.shape[:2])
         with HookSet() as hooks:
             for name, module in model.named_modules():
                 if module is model:
@@ -48,6 +49,8 @@ class Recording:
     def _post(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             y = first(output)
+            if y is not None and y.ndim == 2 and y.shape[0] == self.bt[0] * self.bt[1]:
+                y = y.view(*self.bt, y.shape[-1])  # a part run on the stream as [B*T, d] (OPT)
             if y is not None:
                 self.out[name] = y.detach().clone()
 
@@ -101,7 +104,7 @@ def measure_roles(
         for layer, (block, pair) in enumerate(zip(blocks, pairs, strict=True)):
             hooks.pre(mods[block], f"{block}:in", block_hook(layer))
             for which in (0, 1):
-                hooks.post(mods[pair[which]], pair[which], part_hook(layer, which))
+                hooks.part(mods[block], mods[pair[which]], pair[which], part_hook(layer, which))
         call_model(model, batch)
         hooks.check()
     tol = tolerance(batch_dtype(model))

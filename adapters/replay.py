@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from causalnet.errors import UnsupportedModelError
 
@@ -111,6 +111,19 @@ def _is_cache(x: Any) -> bool:
     return isinstance(x, Cache)
 
 
+def _check_kv_only(cache: Any) -> None:
+    """UnsupportedModelError if ``cache`` holds anything but attention keys/values: a
+    convolution or recurrent state (LFM, OLMo-hybrid, Mamba-like layers) is read and written
+    in place by each step, so rows replayed at t would share (and overwrite) the clean one."""
+    for i, layer in enumerate(getattr(cache, "layers", None) or ()):
+        stateful = any(hasattr(layer, a) for a in ("conv_states", "recurrent_states"))
+        if stateful or not isinstance(layer, CacheLayerMixin):
+            raise UnsupportedModelError(
+                f"the cache's layer {i} is a {type(layer).__name__} (a convolution / recurrent "
+                "state, not keys and values): the final-position replay cannot freeze it"
+            )
+
+
 def _mark(x: Any, live: Any) -> Any:
     """``x`` with the live cache object replaced by ``_CACHE`` (in tuples, lists, dicts)."""
     if x is live:
@@ -158,6 +171,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
                     f"block {p.block_names[layer]} gets {len(caches)} transformers caches, not one"
                 )
             if layer == 0:
+                _check_kv_only(caches[0])
                 live["cache"] = caches[0]
                 cap.cache = copy.deepcopy(caches[0])
                 caches[0].update = recording_update(caches[0])
@@ -194,8 +208,15 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
         with HookSet() as hooks:
             for layer in range(n_layers):
                 hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
-                hooks.post(p.attn[layer], f"attn.{layer}", part("attn", layer, p.alpha[layer]))
-                hooks.post(p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer]))
+                hooks.part(
+                    p.blocks[layer],
+                    p.attn[layer],
+                    f"attn.{layer}",
+                    part("attn", layer, p.alpha[layer]),
+                )
+                hooks.part(
+                    p.blocks[layer], p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer])
+                )
             _forward(model, input_ids=toks[:, -1:], **kwargs)
             hooks.check()
     if "cache" in live:

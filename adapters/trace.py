@@ -136,8 +136,10 @@ def record(
                 hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre(layer))
                 if ("o_proj", layer) in by:
                     hooks.post(p.o_proj[layer], f"patch.{layer}", o_patch(layer, alpha))
-            hooks.post(p.attn[layer], f"attn.{layer}", part("attn", layer, alpha))
-            hooks.post(p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer]))
+            hooks.part(p.blocks[layer], p.attn[layer], f"attn.{layer}", part("attn", layer, alpha))
+            hooks.part(
+                p.blocks[layer], p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer])
+            )
         final = p.final_norm.module
         hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
         hooks.post(p.readout.unembed, "unembed", unembed_post)

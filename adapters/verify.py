@@ -181,12 +181,14 @@ def _oracle_row(
             if p.o_proj is not None:
                 hooks.post(p.o_proj[layer], f"z.{layer}", z_hook(layer))
             hit = site.layer == layer
-            hooks.post(
+            hooks.part(
+                p.blocks[layer],
                 p.attn[layer],
                 f"a{layer}",
                 out_hook(f"attn.{layer}", p.alpha[layer], hit and site.kind == "attn"),
             )
-            hooks.post(
+            hooks.part(
+                p.blocks[layer],
                 p.mlp[layer],
                 f"m{layer}",
                 out_hook(f"mlp.{layer}", p.beta[layer], hit and site.kind == "mlp"),

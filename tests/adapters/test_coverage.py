@@ -91,14 +91,9 @@ NOT_BUILT: dict[str, str] = {
     "xlstm": "tiny config: xLSTM's head / chunk sizes inconsistent at width 64",
 }
 #: In-scope types the adapters do not handle yet although they should (bugs to fix).
-KNOWN_BUGS: dict[str, str] = {
-    "lfm3": "GenericAdapter patching raises RuntimeError (tensor sizes 1 vs 2 in a cat)",
-    "olmo_hybrid": "GenericAdapter patching raises RuntimeError (tensor sizes 1 vs 2 in a cat)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 #: Goal-list types refused (with a named reason) that should work: the adapters' gaps.
-GOAL_GAPS: dict[str, str] = {
-    "opt": "discovery finds no (attention, MLP) pair: OPT's MLP is fc1/fc2 directly in the block",
-}
+GOAL_GAPS: dict[str, str] = {}
 
 
 def _case(model_type: str, slow: bool, gaps: dict[str, str] | None = None) -> object:
@@ -117,7 +112,10 @@ def _walk(model_type: str) -> CoverageRow:
 
 #: Walked in the default tier (the goal list plus one of each kind of outcome); the full walk
 #: of every type (minutes on 2 cores) is in the slow tier.
-DEFAULT_TIER = {*GOAL, "bert", "bart", "gemma3", "musicgen", "mamba", "jamba", "deepseek_v3"}
+DEFAULT_TIER = {
+    *GOAL,
+    *("bert", "bart", "gemma3", "musicgen", "mamba", "jamba", "deepseek_v3", "lfm3"),
+}
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,11 @@ MODELS = {
         "GPTNeoXForCausalLM",
         _base(use_parallel_residual=True, rotary_pct=0.5),
     ),
+    "opt-flat-mlp": (  # its MLP (fc1 -> act -> fc2) runs on the stream flattened to [B*T, d]
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, **_GPT),
+    ),
 }
 
 
@@ -193,3 +198,13 @@ def test_a_decoder_whose_blocks_get_no_cache_falls_back_with_the_reason():
     assert adapter.fast_refusal is not None and "takes no cache" in adapter.fast_refusal
     assert adapter.fast_error is None
     assert check_patching(adapter, TOKENS, "layer", n_patches=2) <= 1e-4
+
+
+def test_a_cache_holding_a_convolution_state_falls_back_with_the_reason():
+    """LFM's short-convolution layers keep a state in the cache that each decode step updates
+    in place: the replay at t cannot freeze it, so patching is by re-forwards, and says so."""
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    adapter = adapt(tiny_model("lfm3"), generic=True)
+    assert adapter.fast_refusal is not None and "convolution" in adapter.fast_refusal
+    assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
