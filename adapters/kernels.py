@@ -85,9 +85,21 @@ def _pack_on() -> bool:
     return _env_on("CAUSALNET_PACKED_WEIGHTS")
 
 
-@functools.cache
+_probe_lock = threading.Lock()
+
+
 def _probe() -> str | None:
-    """None if oneDNN's fused linear ops exist and agree with F.linear, else the reason."""
+    """None if oneDNN's fused linear ops exist and agree with F.linear, else the reason.
+
+    Run once per process, under a lock: threads that reach their first linear layer together
+    (the sweep's prompt threads) wait for one probe instead of running oneDNN's first calls
+    side by side."""
+    with _probe_lock:
+        return _probe_once()
+
+
+@functools.cache
+def _probe_once() -> str | None:
     ops = getattr(torch.ops, "mkldnn", None)
     if ops is None or not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (mkldnn)"
