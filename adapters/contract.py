@@ -14,13 +14,21 @@ verified decoder (:class:`causalnet.adapters.generic.GenericAdapter`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from causalnet.errors import ContextError, ModelError, ShapeError, UnknownNodeError
+from causalnet.errors import (
+    ContextError,
+    InterventionError,
+    ModelError,
+    NonFiniteError,
+    ShapeError,
+    UnknownNodeError,
+)
 from causalnet.sites import Site, SiteSet, is_site_set, parse_site, parse_site_set
 
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
@@ -171,6 +179,104 @@ class ResidualAdapter(ABC):
         for member in unit.members:
             self.site(member.name)
         return unit
+
+    # ---- what clean_runs and patch are given -------------------------------------------------
+    def pad_prompts(
+        self, prompts: list[Tensor | str], positions: list[int] | None
+    ) -> tuple[Tensor, list[Tensor], list[int]]:
+        """The prompts (text or ids), cut after their positions t_b (default -1: the last
+        token), right-padded with id 0 into one [B, max t_b + 1] batch; returns it, each
+        prompt's whole checked ids [T_b] and the non-negative t_b. Raises ShapeError /
+        ContextError naming what is wrong."""
+        if positions is None:
+            positions = [-1] * len(prompts)
+        if len(positions) != len(prompts) or not prompts:
+            raise ShapeError(
+                f"clean_runs needs one position per prompt and at least one prompt, got "
+                f"{len(prompts)} prompts and {len(positions)} positions"
+            )
+        toks: list[Tensor] = []
+        ts: list[int] = []
+        for tokens, position in zip(prompts, positions, strict=True):
+            if isinstance(tokens, str):
+                tokens = self.encode(tokens)
+            tokens = self._check_tokens(tokens, ndim=1)
+            n = tokens.shape[0]
+            if not isinstance(position, int) or not -n <= position < n:
+                raise ContextError(
+                    f"position {position!r} is out of range for a prompt of {n} tokens "
+                    f"(valid: {-n}..{n - 1})"
+                )
+            toks.append(tokens)
+            ts.append(position % n)
+        padded = torch.zeros(len(toks), max(ts) + 1, dtype=torch.long, device=self.device)
+        for b, (tokens, t) in enumerate(zip(toks, ts, strict=True)):
+            padded[b, : t + 1] = tokens[: t + 1]
+        return padded, toks, ts
+
+    def length_batches(
+        self, prompts: list[Tensor], batch_tokens: int
+    ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+        """The prompts (ids, all checked first) sorted by length and cut into batches of at
+        most ``batch_tokens`` padded tokens (a longer prompt is a batch of its own): yields the
+        batch's prompt indices, its ids right-padded with 0 to its longest prompt
+        [b, T_max], and each prompt's last position [b]."""
+        toks = [self._check_tokens(p, ndim=1) for p in prompts]
+        order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and (stop - start + 1) * len(toks[order[stop]]) <= batch_tokens:
+                stop += 1
+            batch = order[start:stop]
+            padded = torch.zeros(
+                len(batch), len(toks[batch[-1]]), dtype=torch.long, device=self.device
+            )
+            for row, i in enumerate(batch):
+                padded[row, : len(toks[i])] = toks[i]
+            last = torch.tensor([len(toks[i]) - 1 for i in batch], device=self.device)
+            yield batch, padded, last
+            start = stop
+
+    def patch_units(
+        self, clean: CleanRun, sites: list[str]
+    ) -> tuple[list[tuple[Site, ...]], list[str]]:
+        """The member groups of ``sites`` for :meth:`patch` (a plain site is a group of one,
+        a set ``a+b`` its members in residual order) and the members' names flattened in
+        order, after checking that ``clean`` is a CleanRun and ``sites`` a list."""
+        if not isinstance(clean, CleanRun):
+            raise InterventionError(f"patch needs a CleanRun from clean_run(), got {type(clean)}")
+        if isinstance(sites, str):
+            raise ShapeError(f"sites must be a list of site names, got the string {sites!r}")
+        units = [self.unit(s) for s in sites]
+        groups = [u.members if isinstance(u, SiteSet) else (u,) for u in units]
+        return groups, [m.name for g in groups for m in g]
+
+    def patch_values(
+        self, sites: list[str], groups: list[tuple[Site, ...]], values: Tensor
+    ) -> Tensor:
+        """``values`` for :meth:`patch` checked -- shape [n_members, P >= 1, d], every entry
+        finite -- and on the model's device and dtype."""
+        names = [m.name for g in groups for m in g]
+        d = self.arch.d_model
+        values = torch.as_tensor(values)
+        n_s = len(names)
+        if n_s == 0 or values.ndim != 3 or values.shape[0] != n_s or values.shape[2] != d:
+            what = "n_sites" if n_s == len(groups) else "n_members (one per member of each set)"
+            raise ShapeError(
+                f"values must have shape [{what}={n_s}, n_patches, d={d}] for sites "
+                f"{list(sites)[:4]}{'...' if len(groups) > 4 else ''}, got {tuple(values.shape)}"
+            )
+        if values.shape[1] == 0:
+            raise ShapeError(
+                f"values for sites {list(sites)[:4]} have no patches: shape {tuple(values.shape)}"
+            )
+        values = values.to(device=self.device, dtype=self.dtype)
+        finite = torch.isfinite(values).all(dim=(1, 2))
+        if not bool(finite.all()):
+            bad = names[int((~finite).nonzero()[0])]
+            raise NonFiniteError(f"the values for site {bad!r} contain NaN or inf")
+        return values
 
     # ---- tokens ------------------------------------------------------------------------------
     def encode(self, prompt: str) -> Tensor:

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from causalnet.errors import ContextError, ShapeError
-
 from .readout import accumulation_dtype
 from .records import CleanRun, FullRun, Granularity
 
@@ -128,30 +126,7 @@ def clean_runs(
     vocabulary projection of the readout positions is one matrix product.
     """
     adapter._check_granularity(granularity)
-    if positions is None:
-        positions = [-1] * len(prompts)
-    if len(positions) != len(prompts) or not prompts:
-        raise ShapeError(
-            f"clean_runs needs one position per prompt and at least one prompt, got "
-            f"{len(prompts)} prompts and {len(positions)} positions"
-        )
-    toks: list[Tensor] = []
-    ts: list[int] = []
-    for tokens, position in zip(prompts, positions, strict=True):
-        if isinstance(tokens, str):
-            tokens = adapter.encode(tokens)
-        tokens = adapter._check_tokens(tokens, ndim=1)
-        n = tokens.shape[0]
-        if not isinstance(position, int) or not -n <= position < n:
-            raise ContextError(
-                f"position {position!r} is out of range for a prompt of {n} tokens "
-                f"(valid: {-n}..{n - 1})"
-            )
-        toks.append(tokens)
-        ts.append(position % n)
-    padded = torch.zeros(len(toks), max(ts) + 1, dtype=torch.long, device=adapter.device)
-    for b, (tokens, t) in enumerate(zip(toks, ts, strict=True)):
-        padded[b, : t + 1] = tokens[: t + 1]
+    padded, toks, ts = adapter.pad_prompts(prompts, positions)
     run = run_layers(adapter, padded, granularity, cache=True)
     assert run.k_cache is not None and run.v_cache is not None and run.z_heads is not None
     assert run.resid_pre is not None and run.resid_mid is not None
@@ -225,27 +200,13 @@ def final_values(
     or learned) are absolute, the same as the prompt's alone.
     """
     adapter._check_granularity(granularity)
-    toks = [adapter._check_tokens(p, ndim=1) for p in prompts]
     sites = adapter.readout_sites(granularity)
     out = torch.empty(
-        len(toks), len(sites), adapter.arch.d_model, dtype=adapter.dtype, device=adapter.device
+        len(prompts), len(sites), adapter.arch.d_model, dtype=adapter.dtype, device=adapter.device
     )
-    order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and (stop - start + 1) * len(toks[order[stop]]) <= batch_tokens:
-            stop += 1
-        batch = order[start:stop]
-        padded = torch.zeros(
-            len(batch), len(toks[batch[-1]]), dtype=torch.long, device=adapter.device
-        )
-        for row, i in enumerate(batch):
-            padded[row, : len(toks[i])] = toks[i]
-        last = torch.tensor([len(toks[i]) - 1 for i in batch], device=adapter.device)
+    for batch, padded, last in adapter.length_batches(prompts, batch_tokens):
         run = run_layers(adapter, padded, granularity, cache=False, at=last)
         index = torch.tensor(batch, device=adapter.device)
         with torch.no_grad():
             out[index] = torch.stack([run.values[s] for s in sites], dim=1)
-        start = stop
     return out

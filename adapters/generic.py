@@ -32,13 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from causalnet.errors import (
-    ContextError,
     InterventionError,
     ModelError,
-    NonFiniteError,
-    ShapeError,
 )
-from causalnet.sites import Site, SiteSet
+from causalnet.sites import Site
 
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
@@ -156,28 +153,7 @@ class GenericAdapter(ResidualAdapter):
         """One :class:`CleanRun` per prompt (see :meth:`TransformerAdapter.clean_runs`), the
         prompts cut at their positions and right-padded into one hooked forward."""
         self._check_granularity(granularity)
-        positions = [-1] * len(prompts) if positions is None else positions
-        if len(positions) != len(prompts) or not prompts:
-            raise ShapeError(
-                f"clean_runs needs one position per prompt and at least one prompt, got "
-                f"{len(prompts)} prompts and {len(positions)} positions"
-            )
-        toks, ts = [], []
-        for tokens, position in zip(prompts, positions, strict=True):
-            tokens = self._check_tokens(
-                self.encode(tokens) if isinstance(tokens, str) else tokens, 1
-            )
-            n = tokens.shape[0]
-            if not isinstance(position, int) or not -n <= position < n:
-                raise ContextError(
-                    f"position {position!r} is out of range for a prompt of {n} tokens "
-                    f"(valid: {-n}..{n - 1})"
-                )
-            toks.append(tokens)
-            ts.append(position % n)
-        padded = torch.zeros(len(toks), max(ts) + 1, dtype=torch.long, device=self.device)
-        for b, (tokens, t) in enumerate(zip(toks, ts, strict=True)):
-            padded[b, : t + 1] = tokens[: t + 1]
+        padded, toks, ts = self.pad_prompts(prompts, positions)
         at = torch.tensor(ts, device=self.device)
         tr = self.record(padded, at=at, heads=self.parts.o_proj is not None)
         values = site_values(tr, self.arch.n_layers, granularity)
@@ -225,26 +201,15 @@ class GenericAdapter(ResidualAdapter):
         """Every readout site's value at each prompt's last token: [n_prompts, R, d], prompts
         sorted by length and right-padded in batches of at most ``batch_tokens`` tokens."""
         self._check_granularity(granularity)
-        toks = [self._check_tokens(p, ndim=1) for p in prompts]
         n_r = len(self.readout_sites(granularity))
-        out = torch.empty(len(toks), n_r, self.arch.d_model, dtype=self.dtype, device=self.device)
-        order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
-        start = 0
-        while start < len(order):
-            stop = start + 1
-            while stop < len(order) and (stop - start + 1) * len(toks[order[stop]]) <= batch_tokens:
-                stop += 1
-            batch = order[start:stop]
-            padded = torch.zeros(len(batch), len(toks[batch[-1]]), dtype=torch.long)
-            padded = padded.to(self.device)
-            for row, i in enumerate(batch):
-                padded[row, : len(toks[i])] = toks[i]
-            last = torch.tensor([len(toks[i]) - 1 for i in batch], device=self.device)
+        out = torch.empty(
+            len(prompts), n_r, self.arch.d_model, dtype=self.dtype, device=self.device
+        )
+        for batch, padded, last in self.length_batches(prompts, batch_tokens):
             tr = self.record(padded, at=last, heads=granularity == "head")
             out[torch.tensor(batch, device=self.device)] = site_values(
                 tr, self.arch.n_layers, granularity
             )
-            start = stop
         return out
 
     def patch(self, clean: CleanRun, sites: list[str], values: Tensor) -> PatchedRun:
@@ -253,41 +218,18 @@ class GenericAdapter(ResidualAdapter):
         centred logit the model's own and its total effect against the clean run (Eq 12).
         Sets of sites (``a+b``, ``values`` one entry per member) go through the hooked
         re-forward with every member patched (:meth:`ResidualAdapter.unit`)."""
-        if not isinstance(clean, CleanRun):
-            raise InterventionError(f"patch needs a CleanRun from clean_run(), got {type(clean)}")
-        if isinstance(sites, str):
-            raise ShapeError(f"sites must be a list of site names, got the string {sites!r}")
-        units = [self.unit(s) for s in sites]
-        groups = [u.members if isinstance(u, SiteSet) else (u,) for u in units]
-        names = [m.name for g in groups for m in g]
-        d = self.arch.d_model
+        groups, names = self.patch_units(clean, sites)
         if clean.readout_sites != self.readout_sites(clean.granularity) or (
-            clean.site_values.shape[-1] != d
+            clean.site_values.shape[-1] != self.arch.d_model
         ):
             raise InterventionError("this CleanRun was made by a different model")
-        values = torch.as_tensor(values)
-        n_s = len(names)
-        if n_s == 0 or values.ndim != 3 or values.shape[0] != n_s or values.shape[2] != d:
-            what = "n_sites" if n_s == len(units) else "n_members (one per member of each set)"
-            raise ShapeError(
-                f"values must have shape [{what}={n_s}, n_patches, d={d}] for sites "
-                f"{list(sites)[:4]}{'...' if len(units) > 4 else ''}, got {tuple(values.shape)}"
-            )
-        n_p = values.shape[1]
-        if n_p == 0:
-            raise ShapeError(f"values for sites {list(sites)[:4]} have no patches")
-        values = values.to(device=self.device, dtype=self.dtype)
-        finite = torch.isfinite(values).all(dim=(1, 2))
-        if not bool(finite.all()):
-            raise NonFiniteError(
-                f"the values for site {names[int((~finite).nonzero()[0])]!r} contain NaN or inf"
-            )
+        values = self.patch_values(sites, groups, values)
         if clean.granularity == "head" and any(m.kind == "attn" for g in groups for m in g):
             raise InterventionError(
                 "cannot patch a whole attention layer in a head-granularity clean run: its heads "
                 "would have no values to read out; patch its heads or use granularity='layer'"
             )
-        has_sets = len(names) != len(units)
+        has_sets = len(names) != len(groups)
         with self._lock, torch.no_grad():
             # sets of sites: the hooked re-forward patches every member (the fast replay
             # path takes single sites only)

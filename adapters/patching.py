@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from causalnet.errors import InterventionError, NonFiniteError, ShapeError
-from causalnet.sites import Site, SiteSet
+from causalnet.errors import InterventionError
+from causalnet.sites import Site
 
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
@@ -55,34 +55,11 @@ def patch(
     contiguous prefix that grows with l, and every block method runs once per layer on
     that whole prefix. The vocabulary projection is never computed: the readout is linear.
     """
-    if not isinstance(clean, CleanRun):
-        raise InterventionError(f"patch needs a CleanRun from clean_run(), got {type(clean)}")
-    if isinstance(sites, str):
-        raise ShapeError(f"sites must be a list of site names, got the string {sites!r}")
-    units = [adapter.unit(s) for s in sites]
-    groups = [u.members if isinstance(u, SiteSet) else (u,) for u in units]
-    names = [m.name for g in groups for m in g]
+    groups, _ = adapter.patch_units(clean, sites)
     d, n_layers = adapter.arch.d_model, adapter.arch.n_layers
     if len(clean._k) != n_layers or clean.site_values.shape[-1] != d:
         raise InterventionError("this CleanRun was made by a different model")
-    n_sites = len(names)
-    values = torch.as_tensor(values)
-    if n_sites == 0 or values.ndim != 3 or values.shape[0] != n_sites or values.shape[2] != d:
-        what = "n_sites" if n_sites == len(units) else "n_members (one per member of each set)"
-        raise ShapeError(
-            f"values must have shape [{what}={n_sites}, n_patches, d={d}] for sites "
-            f"{list(sites)[:4]}{'...' if len(units) > 4 else ''}, got {tuple(values.shape)}"
-        )
-    n_patch = values.shape[1]
-    if n_patch == 0:
-        raise ShapeError(
-            f"values for sites {list(sites)[:4]} have no patches: shape {tuple(values.shape)}"
-        )
-    values = values.to(device=adapter.device, dtype=adapter.dtype)
-    finite = torch.isfinite(values).all(dim=(1, 2))
-    if not bool(finite.all()):
-        bad = names[int((~finite).nonzero()[0])]
-        raise NonFiniteError(f"the values for site {bad!r} contain NaN or inf")
+    values = adapter.patch_values(sites, groups, values)
     head_gran = clean.granularity == "head"
     if head_gran:
         for s in (m for g in groups for m in g):
