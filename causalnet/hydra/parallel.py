@@ -32,6 +32,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+#: Why threaded work starts with one item computed alone. oneDNN (the float32 CPU linear layers
+#: of :mod:`causalnet.adapters.kernels`) initialises some of its kernels lazily, on their first
+#: call in the process, and two threads making those first calls at the same moment can get wrong
+#: numbers -- not rounding: measured on a 3-layer d=32 Llama, a fresh process's pool of 60
+#: prompts' clean runs on 2 threads differed from the serial one by up to 2e-3 in 5 of 16 runs
+#: (0 of 16 with oneDNN off, 0 of 20 after one prompt's clean run alone). So the first item (a
+#: batch of clean runs, or a prompt's whole computation) runs in the calling thread on one torch
+#: thread, the rest side by side. The oneDNN probe alone
+#: (:func:`causalnet.adapters.kernels.status`) was not enough (1 of 20).
+SERIAL_FIRST = True
+
+
 def prompt_threads(adapter: object, device: str) -> int:
     """How many prompts to compute side by side: ``CAUSALNET_PROMPT_THREADS`` if set, else
     torch's thread count for a plain adapter on the CPU, else 1.
@@ -63,14 +75,18 @@ def prompt_threads(adapter: object, device: str) -> int:
 
 def map_in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:
     """``map(fn, items)`` on ``threads`` worker threads with one torch thread each, results in
-    order (torch's thread count restored afterwards); plain ``map`` for one thread."""
-    if threads <= 1:
+    order (torch's thread count restored afterwards); plain ``map`` for one thread.
+
+    The first item is computed in the calling thread before any worker starts (see
+    :data:`SERIAL_FIRST`)."""
+    if threads <= 1 or len(items) <= 1:
         yield from map(fn, items)
         return
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
+        yield fn(items[0])  # SERIAL_FIRST: oneDNN's first calls never run side by side
         with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield from pool.map(fn, items)
+            yield from pool.map(fn, items[1:])
     finally:
         torch.set_num_threads(before)

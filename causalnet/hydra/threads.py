@@ -59,12 +59,17 @@ def compute_in_threads(
     def work(i: int) -> PromptRows:
         return compute_prompt(adapter, plan, i, keep_patches=i < figure_prompts)
 
+    bar = tqdm(total=len(todo), desc="hydra sweep", unit="prompt", disable=not progress)
     try:
         torch.set_num_threads(1)  # also the default that torch gives threads it has not seen
+        queue = iter(todo)
+        if threads > 1:  # parallel.SERIAL_FIRST: oneDNN's first calls run alone
+            for i in queue:
+                write(work(i))
+                bar.update()
+                break
         with ThreadPoolExecutor(threads, initializer=one_torch_thread) as pool:
             pending: deque[Future[PromptRows]] = deque()
-            queue = iter(todo)
-            bar = tqdm(total=len(todo), desc="hydra sweep", unit="prompt", disable=not progress)
             try:
                 for i in queue:
                     pending.append(pool.submit(work, i))
@@ -77,8 +82,8 @@ def compute_in_threads(
             finally:
                 for future in pending:
                     future.cancel()
-                bar.close()
     finally:
+        bar.close()
         torch.set_num_threads(before)
 
 
