@@ -136,6 +136,15 @@ def _parser() -> argparse.ArgumentParser:
     repairers.add_argument("--k", type=int, default=5, help="replacement heads per prompt (5)")
     repairers.add_argument("--figure", default=None, help="save the compensation map (PNG)")
 
+    compare = sub.add_parser(
+        "compare",
+        help="the paper's findings judged side by side on results folders (holds / partly / "
+        "fails, also split by prompts whose target is the true attribute)",
+    )
+    compare.add_argument("results", nargs="+", help="results folders written by 'causalnet hydra'")
+    compare.add_argument("--names", nargs="+", default=None, help="a name per folder (its model)")
+    compare.add_argument("--csv", default=None, help="also write every verdict to this CSV file")
+
     attribution = sub.add_parser(
         "attribution",
         help="attribution patching on a results folder's prompts and patches, against its "
@@ -185,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .hydra.repair_commands import repairers_report
 
             print(repairers_report(args.results, args.k, figure=args.figure))
+        elif args.command == "compare":
+            from .hydra.compare import compare_report
+
+            print(compare_report(args.results, args.names, args.csv), end="")
         elif args.command == "attribution":
             from .hydra.repair_commands import attribution_report
 
