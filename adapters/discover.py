@@ -18,7 +18,11 @@ measurement rather than by class or config names:
   multiplier and soft-cap (:func:`causalnet.adapters.norms.fit_readout`);
 - **heads**: an ``nn.Linear`` / ``Conv1D`` in the block whose output is the attention part's
   output, its input split into ``n_heads`` equal slices (head-major, as every transformers
-  model lays them out); otherwise the reason is kept in :attr:`Decomposition.head_refusal`.
+  model lays them out); where the attention part is a norm after the attention (OLMo-2,
+  Gemma 2/3), the one whose output is that norm's input, the norm fitted as an RMS norm
+  (:func:`causalnet.adapters.heads.find_post_norm`; heads are its shares, kept per layer in
+  :attr:`Decomposition.post_norms`); otherwise the reason is kept in
+  :attr:`Decomposition.head_refusal`.
 
 A model that is not a transformers model names its parts in a :class:`Declaration`; the same
 measurements and checks run on the declared modules. Anything that does not fit raises
@@ -79,6 +83,8 @@ class Decomposition:
     o_proj: list[nn.Module] | None  # per layer, when head granularity is supported
     head_refusal: str | None  # why not, else None
     sublayer_norms: bool  # a norm follows a sublayer (Gemma 2/3, OLMo-2)
+    # per layer with heads, the norm after the attention (heads are its shares), else None
+    post_norms: list[Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -217,6 +223,15 @@ def _find_pair(block: str, rec: Recording, decl: Declaration | None, config: Any
     return min(found)[1:]
 
 
+def _is_norm(module: nn.Module, rec: Recording | None = None, name: str = "") -> bool:
+    """A module with a gain [d] and no linear map (a norm after a sublayer), where recorded
+    mapping [B, T, d] to [B, T, d]."""
+    d = getattr(getattr(module, "weight", None), "shape", None)
+    if d is None or len(d) != 1 or any(isinstance(c, nn.Linear) for c in module.modules()):
+        return False
+    return rec is None or (name in rec.inp and rec.inp[name].shape[-1] == d[0])
+
+
 def _n_heads(config: Any, decl: Declaration | None) -> int:
     if decl is not None and decl.n_heads:
         return int(decl.n_heads)
@@ -231,7 +246,7 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
     """Find ``model``'s residual stream (module docstring); UnsupportedModelError if it has none
     that decomposes exactly. ``declare`` names the parts of a model that is not a transformers
     model (or overrides what would be found)."""
-    from .heads import find_o_proj  # noqa: PLC0415 (kept beside its only user)
+    from .heads import find_o_proj, find_post_norm  # noqa: PLC0415 (kept beside its only user)
 
     config = getattr(model, "config", None)
     mods = dict(model.named_modules())
@@ -304,6 +319,7 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
     readout = fit_readout(unembed, rec.inp[u_name], rec.out[u_name], rec.logits, config)
     n_heads = _n_heads(config, declare)
     o_projs: list[nn.Module] | None = []
+    post_norms: list[Any] | None = []
     refusal = None
     for block, (a_name, m_name, *_) in zip(blocks, ordered, strict=True):
         if declare is not None and declare.o_proj:
@@ -315,17 +331,25 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
                 if n.startswith(block + ".") and n != m_name and not n.startswith(m_name + ".")
             ]
         name, why = find_o_proj(mods, cands, rec.inp, rec.out, rec.out[a_name], n_heads)
+        post = None
+        if name is None and _is_norm(mods[a_name], rec, a_name):
+            # a norm after the attention: the projection whose output is the norm's input
+            name, why_o = find_o_proj(mods, cands, rec.inp, rec.out, rec.inp[a_name], n_heads)
+            if name is not None:
+                post, why = find_post_norm(mods[a_name], a_name, rec.inp[a_name], config)
+                name = name if post is not None else None
+            elif "no nn.Linear" not in why_o:
+                why = why_o
         if name is None:
-            refusal, o_projs = f"block {block}: {why}", None
+            refusal, o_projs, post_norms = f"block {block}: {why}", None, None
             break
         o_projs.append(mods[name])
+        post_norms.append(post)
+    if post_norms is not None and all(n is None for n in post_norms):
+        post_norms = None
     a_mods = [mods[p[0]] for p in ordered]
     # a norm after the sublayer: the attention part is a module with a gain [d] and no linear map
-    post_norms = any(
-        getattr(getattr(m, "weight", None), "shape", None) == (shape[-1],)
-        and not any(isinstance(c, nn.Linear) for c in m.modules())
-        for m in a_mods
-    )
+    post_norm_parts = any(_is_norm(m) for m in a_mods)
     return Decomposition(
         model=model,
         family=str(getattr(config, "model_type", None) or type(model).__name__),
@@ -345,5 +369,6 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
         n_heads=n_heads,
         o_proj=o_projs,
         head_refusal=refusal,
-        sublayer_norms=post_norms,
+        sublayer_norms=post_norm_parts,
+        post_norms=post_norms,
     )

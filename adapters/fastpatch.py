@@ -9,6 +9,9 @@ patched attention output (or head term) put in by a hook; the rows entering at i
 (e = 2l + 1) do not run it: their output is the clean input + clean attention + the patched MLP
 value. ``num[r, j]`` accumulates c_j . w_i for readout site j of row r, starting from the clean
 values (sites below a row's entry are unchanged), and is divided by each row's own sigma.
+Under a norm after the attention (``parts.post_norms``) a head patch moves the head's term of
+the projection output o by (v - c(o) o_H) / c(o), c(o) = alpha gamma / s(o), and the model's
+norm renormalises; the layer's heads are read out as shares c(o') o_H' at each row's own o'.
 
 :func:`check_fast` compares the engine with the hooked re-forward
 (:func:`causalnet.adapters.trace.reforward_patch`) on a probe, every site patched, before the
@@ -45,12 +48,17 @@ class _Layer:
     def __init__(self) -> None:
         self.set(None, None, None, None, None, 1.0)
 
-    def set(self, ar: Any, av: Any, hr: Any, hi: Any, hv: Any, alpha: float) -> None:
+    def set(
+        self, ar: Any, av: Any, hr: Any, hi: Any, hv: Any, alpha: float, norm: Any = None
+    ) -> None:
         self.attn_rows, self.attn_vals, self.alpha = ar, av, alpha
         self.head_rows, self.head_ids, self.head_vals = hr, hi, hv
+        self.norm = norm  # the norm after the attention (heads are its shares), or None
         self.attn: Tensor | None = None
         self.mlp: Tensor | None = None
         self.z: Tensor | None = None
+        self.o: Tensor | None = None  # the (patched) projection output under a post-norm
+        self.moved: Tensor | None = None  # each head row's term moved by, under a post-norm
 
 
 def _hooks(adapter: Any, hooks: HookSet, state: _Layer, want_z: bool) -> None:
@@ -60,12 +68,22 @@ def _hooks(adapter: Any, hooks: HookSet, state: _Layer, want_z: bool) -> None:
         state.z = (args[0] if args else next(iter(kwargs.values())))[:, 0].clone()
 
     def o_post(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        norm = state.norm
         if state.head_rows is None:
+            if norm is not None:
+                state.o = output[:, 0].clone()
             return None
         out = output.clone()
         rows = state.head_rows
         own = head_term(module, state.z[rows], state.head_ids, p.n_heads)
-        out[rows, 0] += (state.head_vals / state.alpha).to(out.dtype) - own
+        if norm is None:
+            out[rows, 0] += (state.head_vals / state.alpha).to(out.dtype) - own
+            return out
+        # the term whose share at the row's unpatched scale is the value; the norm renormalises
+        c = norm.factor(output[rows, 0], state.alpha)
+        state.moved = (state.head_vals.to(c.dtype) - c * own.to(c.dtype)) / c
+        out[rows, 0] = (out[rows, 0].to(c.dtype) + state.moved).to(out.dtype)
+        state.o = out[:, 0].clone()
         return out
 
     def attn_post(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -122,6 +140,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     z[:n_embed] = vals[:n_embed]
     num[:n_embed, col["embed"]] = vals_w[:n_embed]
     state = _Layer()
+    post = p.post_norms or [None] * p.n_layers
     ran: list[str] = []  # the hooks that must have fired
     want_z = head_gran or any(s.kind == "head" for s in parsed)
     with HookSet() as hooks, torch.no_grad(), fast_linears(p.blocks):
@@ -144,12 +163,24 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
                     heads[is_head] if len(hrows) else None,
                     vals[hrows] if len(hrows) else None,
                     p.alpha[layer],
+                    post[layer],
                 )
                 z[ent] = cap.pre[layer]
                 z[:a_end] = calls(layer, z[:a_end])
                 ran += [f"attn.{layer}", f"mlp.{layer}"] + [f"o_proj.{layer}"] * want_z
                 assert state.attn is not None and state.mlp is not None
-                if head_gran:
+                if head_gran and post[layer] is not None:  # shares at each row's own s(o')
+                    hcol = col[f"attn.{layer}.h0"]
+                    assert state.z is not None and state.o is not None
+                    inv = post[layer].inv(state.o)  # [rows, 1]
+                    wg = w * (p.alpha[layer] * post[layer].gain(w.dtype))
+                    dots = head_dots(p.o_proj[layer], state.z, p.n_heads, wg) * inv
+                    if len(hrows):
+                        assert state.moved is not None
+                        moved = (state.moved.to(acc) @ wg) * inv[hrows, 0]
+                        dots[hrows, heads[is_head]] += moved
+                    num[:a_end, hcol : hcol + p.n_heads] = dots
+                elif head_gran:
                     hcol = col[f"attn.{layer}.h0"]
                     assert state.z is not None
                     dots = head_dots(p.o_proj[layer], state.z, p.n_heads, w) * p.alpha[layer]

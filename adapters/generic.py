@@ -7,7 +7,8 @@ and runs everything through the model's OWN forward with hooks on the found modu
 
 - site values: ``embed`` = the first block's input; ``attn.l`` = alpha_l * (the attention
   part's output); ``mlp.l`` = beta_l * (the MLP part's output); ``attn.l.hH`` = alpha_l * head
-  H's term of the output projection (:mod:`causalnet.adapters.heads`);
+  H's term of the output projection (:mod:`causalnet.adapters.heads`), or under a norm after
+  the attention its share of attn.l at the run's own post-norm scale;
 - do(site = v) at position t replaces that output at t (by v / alpha_l); a head's term is
   replaced inside the output projection's output;
 - readouts at each run's own frozen final scale (docs/conventions.md, "Which sigma") with the
@@ -42,7 +43,7 @@ from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
 from .measure import probe_tokens
 from .readout import accumulation_dtype
-from .records import CleanRun, Granularity, PatchedRun
+from .records import CleanRun, Granularity, PatchedRun, check_granularity
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 
@@ -103,7 +104,9 @@ class GenericAdapter(ResidualAdapter):
 
     # ---- what the base and the oracle need ------------------------------------------------
     def _check_granularity(self, granularity: str) -> None:
-        super()._check_granularity(granularity)
+        """'layer' or 'head'; heads wherever discovery found them (shares under a norm after
+        the attention: :mod:`causalnet.adapters.heads`), else the reason it did not."""
+        check_granularity(granularity)
         if granularity == "head" and self.head_refusal is not None:
             raise ModelError(
                 f"granularity='head' is not available for this {self.arch.family} model: "
@@ -230,6 +233,20 @@ class GenericAdapter(ResidualAdapter):
                 "would have no values to read out; patch its heads or use granularity='layer'"
             )
         has_sets = len(names) != len(groups)
+        post = self.parts.post_norms or [None] * self.arch.n_layers
+        in_sets = [
+            m.name
+            for g in groups
+            if len(g) > 1
+            for m in g
+            if m.kind == "head" and post[m.layer] is not None
+        ]
+        if in_sets:
+            raise InterventionError(
+                f"sets of heads ({in_sets[0]!r}) are not patched in this {self.arch.family} "
+                "model: a head's patch goes through the norm after the attention one head at a "
+                "time; patch single heads, or whole layers together ('attn.L+attn.M')"
+            )
         with self._lock, torch.no_grad():
             # sets of sites: the hooked re-forward patches every member (the fast replay
             # path takes single sites only)

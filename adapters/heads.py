@@ -5,15 +5,30 @@ projection, ``alpha * (W_O[:, H] z_H + b_O / H)`` (the bias split equally, as fo
 families), so the heads of a layer sum exactly to ``attn.l``. This needs an ``nn.Linear`` (or
 transformers' ``Conv1D``) whose output IS the attention part's output, with nothing nonlinear
 after it; :func:`find_o_proj` looks for one in the block and checks the sum numerically.
+
+Under a norm after the attention (OLMo-2, Gemma 2/3: the attention part is ``norm(o)``, o the
+projection's output) head H's value is its **share** at the run's own post-norm scale,
+``alpha * gamma * o_H / s(o)``, s(o) = sqrt(mean(o^2) + eps) as the module computes it, gamma
+its gain (docs/conventions.md, "Heads under a norm after the attention"): the shares sum to
+attn.l. :func:`find_post_norm` identifies the norm by fitting its outputs
+(:func:`causalnet.adapters.norms.fit_final_norm`) and refuses any but a bias-free RMS norm
+with no zero gain entry; :class:`PostNorm` gives the factor ``alpha * gamma / s(o)``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from causalnet.errors import UnsupportedModelError
+
 from .hooks import rel_err, tolerance
+from .norms import FinalNorm, fit_final_norm
+from .readout import accumulation_dtype
 
 
 def head_terms(proj: nn.Module, z: Tensor, n_heads: int) -> Tensor:
@@ -104,3 +119,52 @@ def find_o_proj(
             continue
         return name, ""
     return None, why
+
+
+@dataclass(frozen=True)
+class PostNorm:
+    """The RMS norm after one block's attention, as fitted: its output is gamma * o / s(o)."""
+
+    name: str
+    fit: FinalNorm
+
+    def inv(self, o: Tensor) -> Tensor:
+        """1 / s(o) [..., 1] of the norm's inputs o [..., d], computed in the dtype the module
+        computes in (float32 inside Hugging Face's RMSNorms), in the readout precision."""
+        x = o.to(self.fit.compute_dtype)
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.fit.eps)
+        return inv.to(accumulation_dtype(o.dtype))
+
+    def gain(self, dtype: torch.dtype) -> Tensor | float:
+        """gamma [d] (the module's ``weight``, ``1 + weight``), or 1.0 where it has none."""
+        return 1.0 if self.fit.gain is None else self.fit.gain.to(dtype)
+
+    def factor(self, o: Tensor, alpha: float) -> Tensor:
+        """c = alpha * gamma / s(o) [..., d]: the attention part adds c * o, head H c * o_H."""
+        inv = self.inv(o)
+        return inv * (alpha * self.gain(inv.dtype))
+
+
+def find_post_norm(
+    module: nn.Module, name: str, inputs: Tensor, config: Any = None
+) -> tuple[PostNorm | None, str]:
+    """(PostNorm, "") of the norm ``module`` after the attention, fitted on its recorded inputs
+    [..., d], else (None, why its heads have no shares)."""
+    try:
+        fit = fit_final_norm(module, name, inputs, config, what="the norm after the attention")
+    except (UnsupportedModelError, TypeError, RuntimeError) as err:
+        return None, f"{name}: {err}"
+    if fit.form != "rms" or fit.bias is not None:
+        kind = "a LayerNorm (centring)" if fit.form != "rms" else "an RMS norm with a bias"
+        return None, (
+            f"the norm after the attention {name} is {kind}: head shares are defined under a "
+            "bias-free RMS norm only (docs/conventions.md, 'Heads under a norm after the "
+            "attention')"
+        )
+    if fit.gain is not None and bool((fit.gain == 0).any()):
+        zero = (fit.gain == 0).nonzero().flatten().tolist()
+        return None, (
+            f"the norm after the attention {name} has a zero gain ({fit.gain_source}) at "
+            f"{len(zero)} coordinate(s), e.g. {zero[0]}: a head's share cannot be moved there"
+        )
+    return PostNorm(name, fit), ""

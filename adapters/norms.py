@@ -91,10 +91,16 @@ def _eps_candidates(module: nn.Module, config: Any) -> list[float]:
 
 
 def fit_final_norm(
-    module: nn.Module | None, name: str, inputs: Tensor, config: Any = None
+    module: nn.Module | None,
+    name: str,
+    inputs: Tensor,
+    config: Any = None,
+    what: str = "final norm",
 ) -> FinalNorm:
     """Identify ``module`` (the final norm; None: there is none) from its outputs on the probe's
-    final residuals ``inputs`` [N, d] and on synthetic inputs of scales 1e-3 .. 1e2.
+    final residuals ``inputs`` [N, d] and on synthetic inputs of scales 1e-3 .. 1e2. ``what``
+    names the norm in errors (the same fit identifies a norm after the attention,
+    :func:`causalnet.adapters.heads.find_post_norm`).
 
     UnsupportedModelError names the module and the smallest error any candidate form reached.
     """
@@ -113,7 +119,7 @@ def fit_final_norm(
             x = inputs.reshape(-1, d)
             y = module(x)
     if not isinstance(y, Tensor) or y.shape != x.shape:
-        raise UnsupportedModelError(f"final norm {name}: its output is not one tensor like z")
+        raise UnsupportedModelError(f"{what} {name}: its output is not one tensor like its input")
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     gains: list[tuple[str, Tensor | None]] = [("1", None)]
@@ -136,7 +142,7 @@ def fit_final_norm(
     assert best is not None
     if best.fit_error > max(tol, tolerance(best.compute_dtype)):
         raise UnsupportedModelError(
-            f"final norm {name} ({type(module).__name__}) is of no known form: the best "
+            f"{what} {name} ({type(module).__name__}) is of no known form: the best "
             f"candidate ({best.form}, gain {best.gain_source}, eps {best.eps:g}) misses its "
             f"output by {best.fit_error:.2e} of its scale (tolerance {tol:g}); supported: "
             "RMSNorm, LayerNorm, gains weight or 1 + weight"

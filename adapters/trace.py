@@ -8,7 +8,12 @@
   ``mlp.l`` = beta_l * (the MLP part's output); ``attn.l.hH`` = alpha_l * head H's term of the
   output projection (:mod:`causalnet.adapters.heads`);
 - do(site = v) at position t replaces that output at t (by v / alpha_l); a head's term is
-  replaced inside the output projection's output.
+  replaced inside the output projection's output;
+- under a norm after the attention (``parts.post_norms``) a head's value is its share
+  c(o) * o_H, c(o) = alpha_l * gamma / s(o) (:class:`causalnet.adapters.heads.PostNorm`), at the
+  run's own scale; do(attn.l.hH = v) moves its term to o_H + (v - c(o) o_H) / c(o) at the clean
+  scale and the model's own norm renormalises o' (docs/conventions.md, "Heads under a norm
+  after the attention"); the heads of the patched run are shares at s(o').
 
 :func:`reforward_patch` is the patch engine of last resort (and the fast engine's reference,
 :mod:`causalnet.adapters.replay`): the prompt re-run in full for every (site, patch) row, rows
@@ -75,6 +80,8 @@ def record(
         return x[:, -1]  # logits of the last position only
 
     rec: dict[str, Any] = {"pre": [None] * p.n_layers, "z": [None] * p.n_layers}
+    rec.update(o=[None] * p.n_layers, moved=[])
+    post = p.post_norms or [None] * p.n_layers
     rec.update(attn=[None] * p.n_layers, mlp=[None] * p.n_layers)
 
     def put(x: Tensor, key: tuple[str, int], scale: float) -> Tensor:
@@ -112,12 +119,22 @@ def record(
         return hook
 
     def o_patch(layer: int, scale: float) -> Any:
+        norm = post[layer]
+
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             out = output.clone()
-            for site, rows, vals in by[("o_proj", layer)]:
+            for site, rows, vals in by.get(("o_proj", layer), []):
                 z = args[0][rows, at[rows]]
                 own = head_terms(module, z, p.n_heads)[:, site.head]
-                out[rows, at[rows]] += (vals / scale).to(out.dtype) - own
+                if norm is None:
+                    out[rows, at[rows]] += (vals / scale).to(out.dtype) - own
+                    continue
+                c = norm.factor(output[rows, at[rows]], scale)  # at this run's unpatched o
+                delta = (vals.to(c.dtype) - c * own.to(c.dtype)) / c
+                out[rows, at[rows]] = (out[rows, at[rows]].to(c.dtype) + delta).to(out.dtype)
+                rec["moved"].append((layer, rows, site.head, delta))
+            if norm is not None:
+                rec["o"][layer] = pick(out).clone()
             return out
 
         return hook
@@ -134,7 +151,7 @@ def record(
             hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
             if p.o_proj is not None and (heads or ("o_proj", layer) in by):
                 hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre(layer))
-                if ("o_proj", layer) in by:
+                if ("o_proj", layer) in by or post[layer] is not None:
                     hooks.post(p.o_proj[layer], f"patch.{layer}", o_patch(layer, alpha))
             hooks.part(p.blocks[layer], p.attn[layer], f"attn.{layer}", part("attn", layer, alpha))
             hooks.part(
@@ -149,10 +166,12 @@ def record(
         if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
             head_vals = [
                 head_terms(p.o_proj[lay], rec["z"][lay], p.n_heads) * p.alpha[lay]
+                if post[lay] is None
+                else _shares(post[lay], p, lay, rec)
                 for lay in range(p.n_layers)
             ]
             for (kind, lay), entries in by.items():
-                if kind != "o_proj":
+                if kind != "o_proj" or post[lay] is not None:
                     continue
                 hits = torch.zeros(n_b, dtype=torch.long, device=tokens.device)
                 for _, rows, _ in entries:
@@ -173,6 +192,18 @@ def record(
         unembedded=rec["unembedded"],
         logits=pick(logits),
     )
+
+
+def _shares(norm: Any, p: Any, layer: int, rec: dict[str, Any]) -> Tensor:
+    """The heads of a layer under a norm after the attention: shares c(o') * o_H' at the run's
+    own (patched) o', each patched head's term moved as the patch hook moved it."""
+    o = rec["o"][layer]
+    c = norm.factor(o, p.alpha[layer])
+    terms = head_terms(p.o_proj[layer], rec["z"][layer], p.n_heads).to(c.dtype)
+    for lay, rows, head, delta in rec["moved"]:
+        if lay == layer:
+            terms[rows, head] += delta
+    return (terms * c.unsqueeze(-2)).to(o.dtype)
 
 
 def site_values(tr: Trace, n_layers: int, granularity: Granularity) -> Tensor:

@@ -121,9 +121,16 @@ def verify(adapter: Any, tokens: Tensor | None = None) -> Verification:
         raise _fail("direct effects + const = the centred logit (Eqs 9, 24)", readout_err, tol_r)
     head_err = None
     if tr.heads is not None:
-        head_err = max(rel_err(h.sum(-2), a) for h, a in zip(tr.heads, tr.attn, strict=True))
-        if head_err > tol:
-            raise _fail("the heads of a layer sum to its attention site", head_err, tol)
+        post = p.post_norms or [None] * p.n_layers
+        for layer, (h, a) in enumerate(zip(tr.heads, tr.attn, strict=True)):
+            err = rel_err(h.sum(-2), a)
+            head_err = max(head_err or 0.0, err)
+            # shares under a norm after the attention: the norm's own compute dtype bounds it
+            norm = post[layer]
+            tol_h = tol if norm is None else max(tol, tolerance(norm.fit.compute_dtype))
+            if err > tol_h:
+                where = f"block {p.block_names[layer]}: the heads of attn.{layer}"
+                raise _fail(f"{where} sum to their attention site", err, tol_h)
     return Verification(blocks, eq21, logit_err, readout_err, head_err, tol, tol_r)
 
 
@@ -157,6 +164,8 @@ def _oracle_row(
         got["embed"] = x[0, t]
         return args, kwargs
 
+    post = p.post_norms or [None] * p.n_layers
+
     def z_hook(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             z = args[0][0, t]
@@ -164,7 +173,13 @@ def _oracle_row(
             if site.kind == "head" and site.layer == layer:
                 output = output.clone()
                 own = head_terms(module, z[None], p.n_heads)[0, site.head]
-                output[0, t] += value / p.alpha[layer] - own
+                if post[layer] is None:
+                    output[0, t] += value / p.alpha[layer] - own
+                else:  # the term whose share at this run's clean scale is the value
+                    c = post[layer].factor(output[0, t], p.alpha[layer])
+                    got["moved"] = (value.to(c.dtype) - c * own.to(c.dtype)) / c
+                    output[0, t] = (output[0, t].to(c.dtype) + got["moved"]).to(output.dtype)
+            got[f"o.{layer}"] = output[0, t]
             return output
 
         return hook
@@ -197,12 +212,22 @@ def _oracle_row(
         hooks.post(p.readout.unembed, "unembed", unembed_hook)
         call_model(adapter.model, prompt[None])
         hooks.check()
-    vals = {k: v for k, v in got.items() if k not in ("final", "u") and not k.startswith("z.")}
+    vals = {k: v for k, v in got.items() if k.startswith(("embed", "attn.", "mlp."))}
     if p.o_proj is not None:
         for layer in range(p.n_layers):
-            h = head_terms(p.o_proj[layer], got[f"z.{layer}"][None], p.n_heads)[0] * p.alpha[layer]
-            if site.kind == "head" and site.layer == layer:
+            h = head_terms(p.o_proj[layer], got[f"z.{layer}"][None], p.n_heads)[0]
+            hit = site.kind == "head" and site.layer == layer
+            if post[layer] is not None:  # shares at this run's own (patched) scale
+                c = post[layer].factor(got[f"o.{layer}"], p.alpha[layer])
+                h = h.to(c.dtype)
+                if hit:
+                    h[site.head] += got["moved"]
+                h = (h * c).to(got[f"o.{layer}"].dtype)
+            elif hit:
+                h = h * p.alpha[layer]
                 h[site.head] = vals[f"attn.{layer}"] - (h.sum(0) - h[site.head])
+            else:
+                h = h * p.alpha[layer]
             for i in range(p.n_heads):
                 vals[f"attn.{layer}.h{i}"] = h[i]
     return vals, got["final"], got["u"]

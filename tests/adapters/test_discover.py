@@ -45,8 +45,8 @@ GENERIC = {
         True,
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", _base(pad_token_id=0), False, "rms", True),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _base(), False, "rms", False),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _base(head_dim=8), False, "rms", False),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _base(), False, "rms", True),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _base(head_dim=8), False, "rms", True),
     "granite": (
         "GraniteConfig",
         "GraniteForCausalLM",
@@ -219,13 +219,13 @@ def test_a_final_norm_of_unknown_form_is_refused_with_the_best_fit():
         adapt(model)
 
 
-def test_heads_are_refused_with_the_reason_when_a_norm_follows_the_attention():
+def test_heads_under_a_norm_after_the_attention_are_shares_of_that_norm():
+    """(tests/adapters/test_postnorm_heads.py checks them against the naive oracle)"""
     adapter = adapt(build("gemma2"))
     assert isinstance(adapter, GenericAdapter)  # no hand-written Gemma 2 family
-    assert "model.layers.0" in adapter.head_refusal
-    assert adapter.arch.sublayer_norms
-    with pytest.raises(ModelError, match="use granularity='layer'"):
-        adapter.sites("head")
+    assert adapter.head_refusal is None and adapter.arch.sublayer_norms
+    assert adapter.parts.post_norms[0].name == "model.layers.0.post_attention_layernorm"
+    assert adapter.sites("head")[:2] == ["attn.0.h0", "attn.0.h1"]
 
 
 def test_a_module_that_is_not_a_transformers_model_needs_a_declaration():
