@@ -16,7 +16,7 @@ from ..errors import ResultsError
 from .findings import CLAIMS, findings_table, prompts_count
 from .store import ResultsStore
 
-__all__ = ["compare_folders", "compare_report", "side_by_side_markdown"]
+__all__ = ["compare_folders", "compare_report", "read_verdicts", "side_by_side_markdown"]
 
 
 def side_by_side_markdown(tables: dict[str, pd.DataFrame]) -> str:
@@ -86,3 +86,17 @@ def compare_report(
     if csv is not None:
         pd.concat(list(tables.values()), ignore_index=True).to_csv(csv, index=False)
     return "\n".join(lines) + "\n\n" + side_by_side_markdown(tables)
+
+
+def read_verdicts(csv: str | Path) -> dict[str, pd.DataFrame]:
+    """The tables of a ``--csv`` file written by :func:`compare_report`, keyed by model in the
+    file's order (so the side-by-side table can be re-made without the results folders)."""
+    path = Path(csv)
+    if not path.is_file():
+        raise ResultsError(f"{csv}: no such verdicts file")
+    frame = pd.read_csv(path)
+    missing = {"model", "finding", "subset", "verdict", "measure"} - set(frame.columns)
+    if missing:
+        raise ResultsError(f"{csv}: not a verdicts file (no column {', '.join(sorted(missing))})")
+    frame["model"] = frame["model"].astype(str)
+    return {str(m): g.reset_index(drop=True) for m, g in frame.groupby("model", sort=False)}
