@@ -116,10 +116,7 @@ def walk_one(model_type: str, seed: int = 0) -> CoverageRow:
         return row("error", f"{type(e).__name__}: {_short(e)}", name)
     if worst > PATCH_ATOL:
         return row("wrong", f"patching off by {worst:.2e} (tolerance {PATCH_ATOL:g})", name, worst)
-    note = ""
-    if getattr(adapter.arch, "sublayer_norms", False) and name != "GenericAdapter":
-        note = "head patches (shares at the post-attention norm) checked in tests/adapters/"
-    return row("works (heads)", note, name, worst)
+    return row("works (heads)", "", name, worst)
 
 
 def _vocab(model: torch.nn.Module) -> int:
@@ -165,16 +162,7 @@ def patch_error(adapter: object, tokens: torch.Tensor, granularity: str) -> floa
     if isinstance(adapter, GenericAdapter):
         return check_patching(adapter, tokens, granularity=granularity, n_patches=2)
     clean = adapter.clean_run(tokens, granularity=granularity)
-    sites = adapter.sites(granularity)
-    if granularity == "head" and adapter.arch.sublayer_norms:
-        # heads are shares at the post-attention norm's scale (Gemma 3): naive.py's additive
-        # head hook does not apply; their patches are checked in tests/adapters/test_gemma.py
-        sites = [s for s in sites if adapter.site(s).kind != "head"]
-    keep = [
-        j
-        for j, r in enumerate(clean.readout_sites)
-        if not (adapter.arch.sublayer_norms and adapter.site(r).kind == "head")
-    ]
+    sites = adapter.sites(granularity)  # heads under a post-attention norm: naive.py's shares
     gen = torch.Generator().manual_seed(1)
     base = torch.stack([clean.value(s) for s in sites])
     noise = torch.randn((len(sites), 2, base.shape[-1]), generator=gen, dtype=base.dtype)
@@ -187,7 +175,7 @@ def patch_error(adapter: object, tokens: torch.Tensor, granularity: str) -> floa
         for got, want in (
             (run.centred_logit[i], centred),
             (run.sigma[i], sigma),
-            (run.direct_effects[i][:, keep], direct[:, keep]),
+            (run.direct_effects[i], direct),
         ):
             worst = max(worst, float((got - want).abs().max()))
     worst /= max(1.0, abs(float(clean.centred_logit)))

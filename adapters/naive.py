@@ -14,8 +14,10 @@ Where the hooks sit (family modules from :meth:`TransformerAdapter.hook_points`)
   a forward hook replaces head H's contribution: out += v - contrib_H(z), where
   contrib_H(z) = o_proj(z with the other heads zeroed) - (1 - 1/H) o_proj(0) (the projection's
   bias split equally over the heads), computed with the module's own ``forward``;
-- heads under a norm after the attention (``arch.sublayer_norms``, Gemma 3; docs/conventions.md
-  "Heads under a norm after the attention"): ``hook_points().attn`` is that norm, and a head's
+- heads under a norm after the attention (``arch.sublayer_norms``: Gemma 3, discovered OLMo-2,
+  Gemma 2 ...; docs/conventions.md "Heads under a norm after the attention"), in each layer whose
+  ``hook_points().attn`` is that norm (no linear map inside; not a hybrid's linear attention): a
+  head's
   value is its share ``gamma * o_h / sigma(o)`` of attn.l. The patch hook on the output
   projection moves head H's pre-norm term, ``o += (v - share_H) * sigma(o) / gamma`` (coordinates
   with gamma = 0 keep it), and the model's own norm module renormalises; heads are read back as
@@ -229,7 +231,13 @@ def _naive_batch(
 
         return hook
 
-    post_norm = adapter.arch.sublayer_norms  # heads are shares at the post-attention norm
+    # heads are shares at the post-attention norm, in the layers whose attention hook point is
+    # a norm (a module with no linear map; a hybrid's linear-attention layers have none)
+    post_norms = [
+        adapter.arch.sublayer_norms
+        and not any(isinstance(m, nn.Linear) for m in adapter.hook_points(layer).attn.modules())
+        for layer in range(n_layers)
+    ]
     o_out: dict[int, Tensor] = {}
     moved: dict[int, Tensor] = {}  # the patched head's pre-norm term moved by (acc dtype)
 
@@ -240,7 +248,7 @@ def _naive_batch(
                 hooks.count("patch")
                 contrib = head_contributions(module, args[0][:, t], n_heads)[:, s.head]
                 output = output.clone()
-                if post_norm:
+                if post_norms[layer]:
                     inv, gamma = post_norm_frame(adapter.hook_points(layer).attn, output[:, t])
                     share = contrib.to(inv.dtype) * inv * gamma
                     delta = (values.to(inv.dtype) - share) / (inv * gamma)
@@ -268,7 +276,7 @@ def _naive_batch(
             )
             hooks.add(pts.mlp.register_forward_hook(output_hook(mlp_name, "mlp", layer)), mlp_name)
             hooks.add(pts.o_proj.register_forward_pre_hook(o_proj_pre(layer)), f"o_proj.{layer}")
-            if post_norm or (s.kind == "head" and s.layer == layer):
+            if post_norms[layer] or (s.kind == "head" and s.layer == layer):
                 o_key = f"o_out.{layer}"
                 hooks.add(pts.o_proj.register_forward_hook(o_proj_out(layer)), o_key)
         hooks.add(adapter.final_norm_module().register_forward_pre_hook(final_pre), "final")
@@ -285,7 +293,7 @@ def _naive_batch(
             if granularity == "head":
                 pts = adapter.hook_points(layer)
                 heads = head_contributions(pts.o_proj, z_in[layer], n_heads)
-                if post_norm:  # shares at this run's own sigma(o'), the moved term included
+                if post_norms[layer]:  # shares at this run's own sigma(o'), the moved term in
                     inv, gamma = post_norm_frame(pts.attn, o_out[layer])
                     heads = heads.to(inv.dtype)
                     if layer in moved:

@@ -175,3 +175,45 @@ def test_sets_of_heads_under_the_norm_are_refused_with_the_reason():
     both = torch.stack([layer.value("attn.0"), layer.value("attn.1")])[:, None]
     run = adapter.patch(layer, ["attn.0+attn.1"], both)
     assert run.total_effect.abs().max() <= 1e-4 * max(1.0, abs(layer.centred_logit))
+
+
+#: Every model type of the coverage table whose heads sit under a norm after the attention.
+POST_NORM_TYPES = [
+    "afmoe",
+    "exaone4",
+    "flex_olmo",
+    "gemma2",
+    "gemma4_unified_text",
+    "glm4",
+    "hyperclovax",
+    "kolibri1",
+    "lfm3",
+    "olmo2",
+    "olmo3",
+    "olmo_hybrid",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", POST_NORM_TYPES)
+def test_every_post_norm_type_patches_heads_as_the_naive_oracle(model_type):
+    """float32, 1e-4 of max(1, |clean centred logit|): a head of each layer, and embed."""
+    adapter = adapt(tiny_model(model_type), generic=True)
+    assert isinstance(adapter, GenericAdapter) and adapter.head_refusal is None
+    assert adapter.parts.post_norms is not None
+    clean = adapter.clean_run(TOKENS, "head")
+    gen = torch.Generator().manual_seed(1)
+    sites = [f"attn.{lay}.h{lay % adapter.arch.n_heads}" for lay in range(adapter.arch.n_layers)]
+    tol = 1e-4 * max(1.0, abs(clean.centred_logit))
+    for site in [*sites, "embed"]:
+        base = clean.value(site)
+        values = base[None] + torch.randn(2, base.shape[-1], generator=gen) * base.abs().max()
+        run = adapter.patch(clean, [site], values[None])
+        naive = naive_patch(adapter, TOKENS, site, values, granularity="head")
+        cap = adapter.parts.readout.softcap
+        if cap is not None:
+            naive.logits = cap * torch.atanh(naive.logits.double() / cap)
+        centred, direct, sigma = naive_readout(adapter, naive, clean.target)
+        assert (run.centred_logit[0] - centred).abs().max() <= tol, site
+        assert (run.direct_effects[0] - direct).abs().max() <= tol, site
+        assert (run.sigma[0] - sigma).abs().max() <= tol * float(sigma.abs().max()), site
