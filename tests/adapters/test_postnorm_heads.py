@@ -217,3 +217,23 @@ def test_every_post_norm_type_patches_heads_as_the_naive_oracle(model_type):
         assert (run.centred_logit[0] - centred).abs().max() <= tol, site
         assert (run.direct_effects[0] - direct).abs().max() <= tol, site
         assert (run.sigma[0] - sigma).abs().max() <= tol * float(sigma.abs().max()), site
+
+
+def test_a_layernorm_after_the_attention_refuses_heads_naming_it():
+    """A centring norm after the attention: its shares are not defined (refused, named);
+    layer granularity still decomposes exactly."""
+    model = tiny_model("olmo2")
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(2)
+    for block in model.model.layers:
+        norm = torch.nn.LayerNorm(d, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(d, generator=gen))
+            norm.bias.copy_(0.1 * torch.randn(d, generator=gen))
+        block.post_attention_layernorm = norm
+    adapter = adapt(model, generic=True)
+    assert "model.layers.0.post_attention_layernorm" in adapter.head_refusal
+    assert "LayerNorm" in adapter.head_refusal
+    clean = adapter.clean_run(TOKENS, "layer")
+    total = float(clean.direct_effects.sum()) + clean.readout_const
+    assert abs(total - clean.centred_logit) <= 1e-5 * max(1.0, abs(total))
