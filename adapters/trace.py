@@ -12,8 +12,8 @@
 - under a norm after the attention (``parts.post_norms``) a head's value is its share
   c(o) * o_H, c(o) = alpha_l * gamma / s(o) (:class:`causalnet.adapters.heads.PostNorm`), at the
   run's own scale; do(attn.l.hH = v) moves its term to o_H + (v - c(o) o_H) / c(o) at the clean
-  scale and the model's own norm renormalises o' (docs/conventions.md, "Heads under a norm
-  after the attention"); the heads of the patched run are shares at s(o').
+  scale and the model's own norm renormalises o' (see docs/conventions.md,
+  "Heads under a norm after the attention"); the heads of the patched run are shares at s(o').
 
 :func:`reforward_patch` is the patch engine of last resort (and the fast engine's reference,
 :mod:`causalnet.adapters.replay`): the prompt re-run in full for every (site, patch) row, rows

@@ -6,8 +6,9 @@ numbers: clean runs and patches agree to 1e-5 in float32 (1e-8 in float64, or th
 ``norm_atol`` where its block norms round to float32: Gemma 3) of the compared quantity's scale
 (at least 1) on every tiny model of the shared registry (``tiny`` fixture, Gemma 3 included); on
 the bundled SmolLM2 clean runs to 1e-5 of their scale and resample patches to 1e-4. Head
-granularity where the generic adapter offers it: it refuses heads under a post-attention norm
-(its ``head_refusal``), which the hand-written Gemma 3 adapter defines as shares.
+granularity where the generic adapter offers it, Gemma 3's heads under its post-attention norm
+included (both define them as shares of attn.l at the norm's frozen scale; the generic adapter
+refuses them only where the norm has a zero gain entry, its ``head_refusal``).
 """
 
 from __future__ import annotations
