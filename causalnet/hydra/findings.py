@@ -217,9 +217,7 @@ def _restored_70(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -
     middle = effects[(effects["kind"] == "attn") & (np.asarray(bands) == "middle")]
     overall = fraction_restored(middle).overall if not middle.empty else pd.DataFrame()
     f = float(overall["fraction_restored"].iloc[0]) if len(overall) else float("nan")
-    verdict = (
-        HOLDS if 0.5 <= f <= 1.0 else (PARTLY if 0.25 <= f < 0.5 or 1.0 < f <= 1.3 else FAILS)
-    )
+    verdict = HOLDS if 0.5 <= f <= 1.0 else (PARTLY if 0.25 <= f < 0.5 or 1.0 < f <= 1.3 else FAILS)
     measure = f"fraction restored, middle attention layers pooled: {f:.2f}"
     return Finding("restored_70", verdict, measure, {"fraction": f})
 
