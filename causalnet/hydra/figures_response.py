@@ -9,11 +9,13 @@ few ablated layers (:func:`select_layers`). Re-exported by :mod:`causalnet.hydra
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import ResultsError
@@ -35,6 +37,46 @@ from .figures_style import (
     save_figure,
     scatter_fit,
 )
+
+# ---- panels both figures draw ----------------------------------------------------------------
+
+# x and y labels (before the unit) of a panel of ablated sites' direct vs compensatory effects
+_SITE_AXES = ("direct effect of ablated site", "compensatory effect")
+
+
+def _label_effects(ax: Axes, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    """Title, axis labels (effects in :data:`UNIT`) and legend of a scatter panel of
+    ablation effects."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(f"{xlabel} ({UNIT})")
+    ax.set_ylabel(f"{ylabel} ({UNIT})")
+    ax.legend(fontsize=legend_size)
+
+
+def _per_layer_lines(
+    ax: Axes,
+    table: pd.DataFrame,
+    lines: Mapping[str, Mapping[str, Any]],
+    marks: Sequence[tuple[int, Mapping[str, Any]]],
+    zero_colour: str,
+    title: str,
+    ylabel: str,
+) -> None:
+    """A panel of per-ablated-layer statistics: one line per column of ``table`` in ``lines``
+    (its Matplotlib style), vertical lines at the layers in ``marks`` (with theirs), a zero line,
+    and a 0-based layer axis."""
+    for column, style in lines.items():
+        ax.plot(table["layer"], table[column], markersize=3, **style)
+    for layer, style in marks:
+        ax.axvline(layer, **style)
+    ax.axhline(0.0, color=zero_colour, linewidth=0.5)
+    ax.set_title(title, fontsize=9)
+    layer_axis(ax, "ablated layer")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
+# ---- Figure 7: the compensatory response ------------------------------------------------------
 
 
 def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -71,10 +113,9 @@ def figure_compensation(effects: pd.DataFrame) -> Figure:
         )
         fig.colorbar(points, ax=ax, label="layer")
         identity_line(ax, sel["direct_effect"], sel["compensatory_effect"], "full restoration")
-        ax.set_title(f"({letter}) {KIND_LABEL[kind]}: direct vs compensatory effect", fontsize=9)
-        ax.set_xlabel(f"direct effect of ablated site ({UNIT})")
-        ax.set_ylabel(f"compensatory effect ({UNIT})")
-        ax.legend(fontsize=7)
+        _label_effects(
+            ax, f"({letter}) {KIND_LABEL[kind]}: direct vs compensatory effect", *_SITE_AXES, 7
+        )
     if attn is None:
         empty_panel(ax_b, "(b) no attention sites ablated")
         empty_panel(ax_d, "(d) no attention sites ablated")
@@ -88,36 +129,23 @@ def figure_compensation(effects: pd.DataFrame) -> Figure:
         x, y = sel["direct_effect"].to_numpy(), sel["compensatory_effect"].to_numpy()
         scatter_fit(ax_b, x, y, ATTN_COLOUR, "fit", line_colour="black")
         identity_line(ax_b, x, y, "full restoration")
-        ax_b.set_title(f"(b) layer {peak} ({KIND_LABEL[attn]}), highest r$^2$", fontsize=9)
-        ax_b.set_xlabel(f"direct effect of ablated site ({UNIT})")
-        ax_b.set_ylabel(f"compensatory effect ({UNIT})")
-        ax_b.legend(fontsize=7)
-    ax_d.plot(
-        areg["layer"],
-        areg["r2"],
-        color=CLEAN,
-        marker="o",
-        markersize=3,
-        label="variance explained (r$^2$)",
+        _label_effects(
+            ax_b, f"(b) layer {peak} ({KIND_LABEL[attn]}), highest r$^2$", *_SITE_AXES, 7
+        )
+    peak_label = f"peak r$^2$: layer {peak}"
+    marks = [] if peak is None else [(peak, {"color": "red", "linewidth": 1, "label": peak_label})]
+    _per_layer_lines(
+        ax_d,
+        areg,
+        {
+            "r2": {"color": CLEAN, "marker": "o", "label": "variance explained (r$^2$)"},
+            "slope": {"color": "black", "linestyle": "--", "marker": "s", "label": "slope"},
+        },
+        marks,
+        "grey",
+        f"(d) regression of compensatory on direct effect, {KIND_LABEL[attn]}",
+        "r$^2$ / slope (compensatory per direct effect)",
     )
-    ax_d.plot(
-        areg["layer"],
-        areg["slope"],
-        color="black",
-        linestyle="--",
-        marker="s",
-        markersize=3,
-        label="slope",
-    )
-    if peak is not None:
-        ax_d.axvline(peak, color="red", linewidth=1, label=f"peak r$^2$: layer {peak}")
-    ax_d.axhline(0.0, color="grey", linewidth=0.5)
-    ax_d.set_title(
-        f"(d) regression of compensatory on direct effect, {KIND_LABEL[attn]}", fontsize=9
-    )
-    layer_axis(ax_d, "ablated layer")
-    ax_d.set_ylabel("r$^2$ / slope (compensatory per direct effect)")
-    ax_d.legend(fontsize=7)
     return fig
 
 
@@ -176,36 +204,26 @@ def figure_response_split(effects: pd.DataFrame, layers: Sequence[int] | None = 
         ):
             scatter_fit(ax, x, sel[column].to_numpy(), colour, label)
         ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_title(f"ablating {KIND_LABEL[kind].split()[0]} layer {layer}", fontsize=9)
-        ax.set_xlabel(f"direct effect of ablated layer ({UNIT})")
-        ax.set_ylabel(f"change in downstream direct effects ({UNIT})")
-        ax.legend(fontsize=6)
-    ax = axes[len(chosen)]
+        _label_effects(
+            ax,
+            f"ablating {KIND_LABEL[kind].split()[0]} layer {layer}",
+            "direct effect of ablated layer",
+            "change in downstream direct effects",
+            6,
+        )
     split = response_split(effects)
-    split = split[split["kind"] == kind]
-    ax.plot(
-        split["layer"],
-        split["slope_attn"],
-        color=ATTN_COLOUR,
-        marker="o",
-        markersize=3,
-        label="attention part",
+    _per_layer_lines(
+        axes[len(chosen)],
+        split[split["kind"] == kind],
+        {
+            "slope_attn": {"color": ATTN_COLOUR, "marker": "o", "label": "attention part"},
+            "slope_mlp": {"color": MLP_COLOUR, "marker": "o", "label": "MLP part"},
+        },
+        [(layer, {"color": "grey", "linestyle": ":", "linewidth": 0.8}) for layer in chosen],
+        "black",
+        "compensation slope per ablated layer",
+        "slope (compensatory per direct effect)",
     )
-    ax.plot(
-        split["layer"],
-        split["slope_mlp"],
-        color=MLP_COLOUR,
-        marker="o",
-        markersize=3,
-        label="MLP part",
-    )
-    for layer in chosen:
-        ax.axvline(layer, color="grey", linestyle=":", linewidth=0.8)
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.set_title("compensation slope per ablated layer", fontsize=9)
-    layer_axis(ax, "ablated layer")
-    ax.set_ylabel("slope (compensatory per direct effect)")
-    ax.legend(fontsize=7)
     for extra in axes[n_panels:]:
         extra.set_visible(False)
     return fig
