@@ -31,6 +31,7 @@ layer and prompt), so disk offload is correct but slow; GPUs without offload are
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import weakref
@@ -107,6 +108,7 @@ class Placement:
     """
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        self.model = model
         self.blocks = blocks
         inside = {id(m) for block in blocks for m in block.modules()}
         self.outer = [m for m in model.modules() if id(m) not in inside]
@@ -149,9 +151,7 @@ class Placement:
     @property
     def is_split(self) -> bool:
         """Whether any weights are offloaded or any layer computes off the main device."""
-        offloaded = any(_offloaded(m) for m in self.outer) or any(
-            _offloaded(m) for block in self.blocks for m in block.modules()
-        )
+        offloaded = any(_offloaded(m) for m in self.model.modules())  # the layers' and the rest
         return offloaded or any(d != self.main for d in self.layers)
 
     @contextlib.contextmanager
@@ -232,13 +232,10 @@ for _name in LAYER_METHODS:
 for _name in OUTER_METHODS:
     setattr(DispatchedAdapter, _name, _outer_method(_name))
 
-_CLASSES: dict[type, type] = {}
 
-
+@functools.cache
 def _dispatched_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Dispatched{cls.__name__}", (DispatchedAdapter, cls), {})
-    return _CLASSES[cls]
+    return type(f"Dispatched{cls.__name__}", (DispatchedAdapter, cls), {})
 
 
 def dispatch_adapter(model_or_adapter: Any, tokenizer: Any = None) -> TransformerAdapter:
@@ -338,18 +335,15 @@ def keep_outer_together(
     def covers(key: str, name: str) -> bool:  # the entry ``key`` holds the module ``name``
         return key == "" or name == key or name.startswith(key + ".")
 
-    def in_layer(key: str) -> bool:
-        return any(covers(layer, key) for layer in layers)
-
     owner = max((k for k in device_map if covers(k, embedding)), key=len, default=None)
     if owner is None:
         raise CausalNetError(f"the device map places no entry holding {embedding!r}")
     main = device_map[owner]
-    out = {}
-    for key, device in device_map.items():
-        holds_layer = any(covers(key, layer) for layer in layers)
-        out[key] = device if in_layer(key) or holds_layer else main
-    return out
+    # an entry inside a layer, or holding a whole layer or more, stays where it is
+    return {
+        key: device if any(covers(layer, key) or covers(key, layer) for layer in layers) else main
+        for key, device in device_map.items()
+    }
 
 
 def load_dispatched(
