@@ -48,6 +48,14 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression=COMPRESSION)
 
 
+def read_schema(path: Path) -> pa.Schema:
+    """The schema of the parquet file ``path``; ResultsError naming it when unreadable."""
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ResultsError(f"{path} is unreadable: {err}") from err
+
+
 def shard_path(shards: Path, prompt_id: PromptId, name: str) -> Path:
     """The shard of table ``name`` for ``prompt_id`` in the folder ``shards``."""
     return shards / f"{encode_prompt_id(prompt_id)}.{name}.parquet"
@@ -85,11 +93,7 @@ def shard_schema(shards: Path, prompt_id: PromptId, name: str) -> pa.Schema:
     table, path = TABLES[name], shard_path(shards, prompt_id, name)
     if not table.legacy or not path.exists():
         return table.schema(type(prompt_id))
-    try:
-        stored = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as err:
-        raise ResultsError(f"{path} is unreadable: {err}") from err
-    return table.schema(type(prompt_id), table.is_legacy(stored, type(prompt_id)))
+    return table.schema(type(prompt_id), table.is_legacy(read_schema(path), type(prompt_id)))
 
 
 def iter_shards(shards: Path, ids: list[PromptId], name: str) -> Iterator[pa.Table]:

@@ -66,7 +66,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import __version__
 from ..errors import ResultsError
@@ -84,6 +83,7 @@ from .shards import (
     atomic_write,
     clean_leftovers,
     iter_shards,
+    read_schema,
     scan_completed,
     shard_path,
     shard_schema,
@@ -290,7 +290,7 @@ class ResultsStore(ResultsReader):
         self._require_open()
         if isinstance(prompt_id, np.integer):
             prompt_id = int(prompt_id)
-        key = encode_prompt_id(prompt_id)
+        encode_prompt_id(prompt_id)  # ResultsError now for an id that cannot name a shard
         if self._id_type is not None and not isinstance(prompt_id, self._id_type):
             raise ResultsError(
                 f"prompt id {prompt_id!r} is a {type(prompt_id).__name__}, but this folder's ids "
@@ -314,7 +314,7 @@ class ResultsStore(ResultsReader):
             self._invalidate_consolidated()
         for name in ("patches", "patch_effects", "readouts", "effects"):  # effects: the mark
             if name in arrow:
-                shard = self.shards / f"{key}.{name}.parquet"
+                shard = shard_path(self.shards, prompt_id, name)
                 atomic_write(shard, lambda tmp, t=arrow[name]: write_parquet(t, tmp))
         self._done.add(prompt_id)
         self._id_type = type(prompt_id)
@@ -326,12 +326,7 @@ class ResultsStore(ResultsReader):
         legacy = table.is_legacy(effects.schema, id_type)
         if self._legacy is None and self._done:
             pid = next(iter(self._done))
-            try:
-                stored = pq.read_schema(shard_path(self.shards, pid, "effects"))
-            except (OSError, pa.ArrowException) as err:
-                raise ResultsError(
-                    f"{shard_path(self.shards, pid, 'effects')} is unreadable: {err}"
-                ) from err
+            stored = read_schema(shard_path(self.shards, pid, "effects"))
             self._legacy = table.is_legacy(stored, type(pid))
         if self._legacy is not None and legacy != self._legacy:
             raise ResultsError(
