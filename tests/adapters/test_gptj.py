@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import gptj_config
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
 
@@ -24,21 +25,10 @@ VOCAB = 101
 
 
 def build(**overrides: object) -> GPTJForCausalLM:
+    """The registry's tiny GPT-J config with its Hugging Face init (seed 0; norm gains and biases
+    left at 1 and 0, unlike the registry's randomised ones)."""
     torch.manual_seed(0)
-    config = dict(
-        n_embd=64,
-        n_layer=3,
-        n_head=4,
-        rotary_dim=8,
-        n_inner=96,
-        vocab_size=VOCAB,
-        n_positions=64,
-        initializer_range=0.15,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    config.update(overrides)
-    return GPTJForCausalLM(GPTJConfig(**config)).eval()
+    return GPTJForCausalLM(gptj_config(**overrides)).eval()
 
 
 def prompt(n: int = 7) -> Tensor:

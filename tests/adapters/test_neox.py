@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_neox as build
 from torch import Tensor, nn
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from causalnet.adapters import adapt
 from causalnet.adapters.naive import naive_patch, naive_readout
@@ -52,34 +53,6 @@ VARIANTS: dict[str, dict] = {
         }
     },
 }
-
-
-def build(seed: int = 0, **overrides: object) -> GPTNeoXForCausalLM:
-    """A seeded tiny GPT-NeoX in eval mode, with norm gains ~1 and every bias ~0 randomised."""
-    cfg = dict(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=96,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        initializer_range=0.15,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                noise = torch.randn(p.shape, generator=gen)
-                is_gain = "norm" in name and name.endswith("weight")
-                p.copy_(1.0 + 0.3 * noise if is_gain else 0.1 * noise)
-    return model.eval()
 
 
 def prompt(n: int = 7, seed: int = 123) -> Tensor:

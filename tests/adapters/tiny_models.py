@@ -106,8 +106,10 @@ def _llama_config(**kw: object) -> dict:
     return base
 
 
-def _neox_config(parallel: bool) -> dict:
-    return dict(
+def build_neox(seed: int = 0, **overrides: object) -> GPTNeoXForCausalLM:
+    """The registry's tiny GPT-NeoX (parallel residual unless ``use_parallel_residual=False``,
+    rotary on 1/4 of each head), its config changed by ``overrides``; seeded, see :func:`_build`."""
+    config = dict(
         hidden_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
@@ -115,11 +117,32 @@ def _neox_config(parallel: bool) -> dict:
         vocab_size=VOCAB,
         max_position_embeddings=64,
         rotary_pct=0.25,
-        use_parallel_residual=parallel,
+        use_parallel_residual=True,
         initializer_range=0.15,
         bos_token_id=0,
         eos_token_id=0,
     )
+    config.update(overrides)
+    return _build(GPTNeoXForCausalLM, GPTNeoXConfig(**config), seed)
+
+
+def gptj_config(**overrides: object) -> GPTJConfig:
+    """The registry's tiny GPT-J config (rotary on the first 8 of 16 dims per head), changed by
+    ``overrides``."""
+    config = dict(
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        rotary_dim=8,
+        n_inner=96,
+        vocab_size=VOCAB,
+        n_positions=64,
+        initializer_range=0.15,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config.update(overrides)
+    return GPTJConfig(**config)
 
 
 def build_gemma3(dtype: torch.dtype = torch.float32, **overrides: object) -> Gemma3ForCausalLM:
@@ -230,14 +253,14 @@ TINY_MODELS: dict[str, TinySpec] = {
     # GPT-NeoX / Pythia: parallel residual, per-head interleaved fused qkv, rotary on 1/4 of
     # each head, untied embed_out
     "neox-parallel": TinySpec(
-        lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(**_neox_config(True))),
+        lambda: build_neox(use_parallel_residual=True),
         adapter="NeoXAdapter",
         parallel=True,
         representative=True,
     ),
     # GPT-NeoX with the sequential residual
     "neox-sequential": TinySpec(
-        lambda: _build(GPTNeoXForCausalLM, GPTNeoXConfig(**_neox_config(False))),
+        lambda: build_neox(use_parallel_residual=False),
         adapter="NeoXAdapter",
         parallel=False,
         representative=True,
@@ -245,21 +268,7 @@ TINY_MODELS: dict[str, TinySpec] = {
     # GPT-J: one ln_1 read by attention and MLP in parallel, rotary on adjacent pairs of the
     # first 8 of 16 dims per head, no attention biases, untied lm_head with a bias
     "gptj-partial-rotary": TinySpec(
-        lambda: _build(
-            GPTJForCausalLM,
-            GPTJConfig(
-                n_embd=64,
-                n_layer=3,
-                n_head=4,
-                rotary_dim=8,
-                n_inner=96,
-                vocab_size=VOCAB,
-                n_positions=64,
-                initializer_range=0.15,
-                bos_token_id=0,
-                eos_token_id=0,
-            ),
-        ),
+        lambda: _build(GPTJForCausalLM, gptj_config()),
         adapter="GPTJAdapter",
         parallel=True,
         representative=True,
