@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from causalnet.errors import ContextError, InterventionError, ModelError, ShapeError
 
 from .base import Granularity, TransformerAdapter
+from .contract import ResidualAdapter
 
 
 @dataclass
@@ -108,7 +109,23 @@ def post_norm_frame(norm: nn.Module, o: Tensor) -> tuple[Tensor, Tensor]:
     return inv, gamma
 
 
-class _Hooks:
+def prompt_position(adapter: ResidualAdapter, tokens: Tensor, position: int) -> tuple[Tensor, int]:
+    """The checked prompt [T] of a naive run and its patch position as a non-negative t;
+    ContextError for a position outside the prompt."""
+    tokens = adapter._check_tokens(tokens, ndim=1)
+    n = tokens.shape[0]
+    if not isinstance(position, int) or not -n <= position < n:
+        raise ContextError(f"position {position!r} is out of range for a prompt of {n} tokens")
+    return tokens, position % n
+
+
+def check_eval_mode(adapter: ResidualAdapter) -> None:
+    """ModelError when the model is in training mode (dropout would make every run differ)."""
+    if adapter.model.training:
+        raise ModelError("the model is in training mode (dropout on); call model.eval()")
+
+
+class HookCalls:
     """Registers the hooks of one naive run and checks they all fired."""
 
     def __init__(self) -> None:
@@ -122,11 +139,13 @@ class _Hooks:
         self.handles.append(handle)
         self.calls.setdefault(key, 0)
 
-    def check(self) -> None:
+    def check(self, patching: str | None = None) -> None:
+        """InterventionError naming the hooks that never ran (and the site ``patching``)."""
         silent = [k for k, n in self.calls.items() if n == 0]
         if silent:
+            where = "" if patching is None else f" patching {patching!r}"
             raise InterventionError(
-                f"hook(s) did not fire: {silent}; the module returned by hook_points() / "
+                f"hook(s) did not fire{where}: {silent}; the module returned by hook_points() / "
                 "final_norm_module() is not on the model's forward path, so the intervention "
                 "or the readout would have been a silent no-op"
             )
@@ -151,17 +170,12 @@ def naive_patch(
     of a batch of P copies of the prompt; ``batched=False``: P forwards of one sequence.
     """
     s = adapter.site(site)
-    tokens = adapter._check_tokens(tokens, ndim=1)
-    n = tokens.shape[0]
-    if not isinstance(position, int) or not -n <= position < n:
-        raise ContextError(f"position {position!r} is out of range for a prompt of {n} tokens")
-    t = position % n
+    tokens, t = prompt_position(adapter, tokens, position)
     d = adapter.arch.d_model
     values = torch.as_tensor(values)
     if values.ndim != 2 or values.shape[1] != d or values.shape[0] == 0:
         raise ShapeError(f"values for site {site!r} must be [n_patches, d={d}], got {values.shape}")
-    if adapter.model.training:
-        raise ModelError("the model is in training mode (dropout on); call model.eval()")
+    check_eval_mode(adapter)
     values = values.to(device=adapter.device, dtype=adapter.dtype)
     if not batched:
         runs = [
@@ -176,7 +190,7 @@ def naive_patch(
             },
             resid_final=torch.cat([r.resid_final for r in runs]),
         )
-    batch = tokens[None].expand(values.shape[0], n).contiguous()
+    batch = tokens[None].expand(values.shape[0], tokens.shape[0]).contiguous()
     return _naive_batch(adapter, batch, s.name, values, t, granularity)
 
 
@@ -190,7 +204,7 @@ def _naive_batch(
 ) -> NaiveRun:
     s = adapter.site(site)
     n_layers, n_heads = adapter.arch.n_layers, adapter.arch.n_heads
-    hooks = _Hooks()
+    hooks = HookCalls()
     got: dict[str, Tensor] = {}
     z_in: dict[int, Tensor] = {}
 

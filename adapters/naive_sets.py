@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from causalnet.errors import ContextError, InterventionError, ModelError, ShapeError
+from causalnet.errors import ShapeError
 
 from .contract import Granularity, ResidualAdapter
-from .naive import NaiveRun, head_contributions
+from .naive import HookCalls, NaiveRun, check_eval_mode, head_contributions, prompt_position
 
 
 def naive_patch_set(
@@ -37,11 +37,7 @@ def naive_patch_set(
     [P, n_members, d] with the members in the set's canonical (residual) order."""
     unit = adapter.unit(site_set)
     members = list(getattr(unit, "members", (unit,)))
-    tokens = adapter._check_tokens(tokens, ndim=1)
-    n = tokens.shape[0]
-    if not isinstance(position, int) or not -n <= position < n:
-        raise ContextError(f"position {position!r} is out of range for a prompt of {n} tokens")
-    t = position % n
+    tokens, t = prompt_position(adapter, tokens, position)
     d = adapter.arch.d_model
     values = torch.as_tensor(values)
     if values.ndim != 3 or values.shape[1:] != (len(members), d) or values.shape[0] == 0:
@@ -49,30 +45,21 @@ def naive_patch_set(
             f"values for {site_set!r} must be [n_patches, n_members={len(members)}, d={d}], "
             f"got {tuple(values.shape)}"
         )
-    if adapter.model.training:
-        raise ModelError("the model is in training mode (dropout on); call model.eval()")
+    check_eval_mode(adapter)
     values = values.to(device=adapter.device, dtype=adapter.dtype)
     n_layers, n_heads = adapter.arch.n_layers, adapter.arch.n_heads
-    batch = tokens[None].expand(values.shape[0], n).contiguous()
+    batch = tokens[None].expand(values.shape[0], tokens.shape[0]).contiguous()
     patch_of = {(m.kind, m.layer, m.head): values[:, i] for i, m in enumerate(members)}
-    calls: dict[str, int] = {}
-    handles: list[Any] = []
+    hooks = HookCalls()
     got: dict[str, Tensor] = {}
     z_in: dict[int, Tensor] = {}
 
-    def count(key: str) -> None:
-        calls[key] = calls.get(key, 0) + 1
-
-    def add(handle: Any, key: str) -> None:
-        handles.append(handle)
-        calls.setdefault(key, 0)
-
     def block0_pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        count("embed")
+        hooks.count("embed")
         hidden = args[0] if args else kwargs["hidden_states"]
         v = patch_of.get(("embed", -1, -1))
         if v is not None:
-            count("patch.embed")
+            hooks.count("patch.embed")
             hidden = hidden.clone()
             hidden[:, t] = v
             if args:
@@ -86,11 +73,11 @@ def naive_patch_set(
         name = f"{kind}.{layer}"
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            count(name)
+            hooks.count(name)
             first = output[0] if isinstance(output, tuple) else output
             v = patch_of.get((kind, layer, -1))
             if v is not None:
-                count(f"patch.{name}")
+                hooks.count(f"patch.{name}")
                 first = first.clone()
                 first[:, t] = v
                 output = (first, *output[1:]) if isinstance(output, tuple) else first
@@ -101,7 +88,7 @@ def naive_patch_set(
 
     def o_proj_pre(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            count(f"o_proj.{layer}")
+            hooks.count(f"o_proj.{layer}")
             z_in[layer] = args[0][:, t].clone()
 
         return hook
@@ -111,46 +98,40 @@ def naive_patch_set(
             contrib = head_contributions(module, args[0][:, t], n_heads)
             out = output.clone()
             for h in heads:
-                count(f"patch.attn.{layer}.h{h}")
+                hooks.count(f"patch.attn.{layer}.h{h}")
                 out[:, t] = out[:, t] - contrib[:, h] + patch_of[("head", layer, h)]
             return out
 
         return hook
 
     def final_pre(module: nn.Module, args: tuple) -> None:
-        count("final")
+        hooks.count("final")
         got["final"] = args[0][:, t].clone()
 
     try:
-        add(
+        hooks.add(
             adapter.hook_points(0).block.register_forward_pre_hook(block0_pre, with_kwargs=True),
             "embed",
         )
         for layer in range(n_layers):
             pts = adapter.hook_points(layer)
-            add(pts.attn.register_forward_hook(output_hook("attn", layer)), f"attn.{layer}")
-            add(pts.mlp.register_forward_hook(output_hook("mlp", layer)), f"mlp.{layer}")
-            add(pts.o_proj.register_forward_pre_hook(o_proj_pre(layer)), f"o_proj.{layer}")
+            hooks.add(pts.attn.register_forward_hook(output_hook("attn", layer)), f"attn.{layer}")
+            hooks.add(pts.mlp.register_forward_hook(output_hook("mlp", layer)), f"mlp.{layer}")
+            hooks.add(pts.o_proj.register_forward_pre_hook(o_proj_pre(layer)), f"o_proj.{layer}")
             heads = [m.head for m in members if m.kind == "head" and m.layer == layer]
             if heads:
-                add(
+                hooks.add(
                     pts.o_proj.register_forward_hook(o_proj_patch(layer, heads)),
                     f"patch.attn.{layer}.h{heads[0]}",
                 )
-        add(adapter.final_norm_module().register_forward_pre_hook(final_pre), "final")
+        hooks.add(adapter.final_norm_module().register_forward_pre_hook(final_pre), "final")
         for m in members:
-            calls.setdefault(f"patch.{m.name}", 0)
+            hooks.calls.setdefault(f"patch.{m.name}", 0)
         with torch.no_grad():
             logits = adapter.model(input_ids=batch, use_cache=False).logits
-        silent = [k for k, c in calls.items() if c == 0]
-        if silent:
-            raise InterventionError(
-                f"hook(s) did not fire: {silent}; the patch or the readout of {site_set!r} "
-                "would have been a silent no-op"
-            )
+        hooks.check(patching=site_set)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
 
     with torch.no_grad():
         site_values: dict[str, Tensor] = {"embed": got["embed"]}
