@@ -11,7 +11,7 @@ import pytest
 
 from causalnet.cli import main
 from causalnet.errors import ResultsError
-from causalnet.hydra.compare import side_by_side_markdown
+from causalnet.hydra.compare import read_verdicts, side_by_side_markdown
 from causalnet.hydra.findings import (
     CLAIMS,
     FAILS,
@@ -163,3 +163,23 @@ def test_compare_command_prints_every_finding_for_each_folder(folders, tmp_path,
 def test_compare_with_the_wrong_number_of_names_is_an_error(folders, capsys):
     assert main(["compare", str(folders[0]), str(folders[1]), "--names", "only"]) == 2
     assert "2 folders" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_side_by_side_tables_are_what_compare_prints():
+    files = sorted((ROOT / "docs" / "report" / "compare").glob("*.csv"))
+    assert files, "docs/report/compare holds the verdicts behind the README's tables"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for csv in files:
+        assert side_by_side_markdown(read_verdicts(csv)) in readme, csv.name
+
+
+def test_a_csv_without_the_verdict_columns_is_a_named_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,finding\nA,hydra\n")
+    with pytest.raises(ResultsError, match="bad.csv: not a verdicts file"):
+        read_verdicts(bad)
+    with pytest.raises(ResultsError, match="no such verdicts file"):
+        read_verdicts(tmp_path / "missing.csv")
