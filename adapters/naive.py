@@ -55,12 +55,25 @@ class NaiveRun:
     resid_final: Tensor  # [P, d]: z^L_t, the input of the final norm
 
 
-def _first(x: Any) -> Tensor:
+def first_output(x: Any) -> Tensor:
+    """The tensor of a module's output (the first element of a tuple output)."""
     return x[0] if isinstance(x, tuple) else x
 
 
-def _replace_first(x: Any, new: Tensor) -> Any:
+def replace_first_output(x: Any, new: Tensor) -> Any:
+    """A module's output with its tensor (the first element of a tuple) replaced by ``new``."""
     return (new, *x[1:]) if isinstance(x, tuple) else new
+
+
+def record_input_hook(hooks: HookCalls, store: dict[int, Tensor], layer: int, t: int) -> Callable:
+    """A forward pre-hook that counts ``o_proj.<layer>`` and keeps its input at position t in
+    ``store[layer]`` (the concatenated heads the oracle splits into per-head terms)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        hooks.count(f"o_proj.{layer}")
+        store[layer] = args[0][:, t].clone()
+
+    return hook
 
 
 def head_contributions(o_proj: nn.Module, z: Tensor, n_heads: int) -> Tensor:
@@ -230,18 +243,11 @@ def _naive_batch(
             hooks.count(name)
             if s.kind == kind and s.layer == layer:
                 hooks.count("patch")
-                out = _first(output).clone()
+                out = first_output(output).clone()
                 out[:, t] = values
-                output = _replace_first(output, out)
-            got[name] = _first(output)[:, t].clone()
+                output = replace_first_output(output, out)
+            got[name] = first_output(output)[:, t].clone()
             return output
-
-        return hook
-
-    def o_proj_pre(layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            hooks.count(f"o_proj.{layer}")
-            z_in[layer] = args[0][:, t].clone()
 
         return hook
 
@@ -289,7 +295,10 @@ def _naive_batch(
                 pts.attn.register_forward_hook(output_hook(attn_name, "attn", layer)), attn_name
             )
             hooks.add(pts.mlp.register_forward_hook(output_hook(mlp_name, "mlp", layer)), mlp_name)
-            hooks.add(pts.o_proj.register_forward_pre_hook(o_proj_pre(layer)), f"o_proj.{layer}")
+            hooks.add(
+                pts.o_proj.register_forward_pre_hook(record_input_hook(hooks, z_in, layer, t)),
+                f"o_proj.{layer}",
+            )
             if post_norms[layer] or (s.kind == "head" and s.layer == layer):
                 o_key = f"o_out.{layer}"
                 hooks.add(pts.o_proj.register_forward_hook(o_proj_out(layer)), o_key)

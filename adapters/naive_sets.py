@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from causalnet.errors import ShapeError
 
 from .contract import Granularity, ResidualAdapter
-from .naive import HookCalls, NaiveRun, check_eval_mode, head_contributions, prompt_position
+from .naive import (
+    HookCalls,
+    NaiveRun,
+    check_eval_mode,
+    first_output,
+    head_contributions,
+    prompt_position,
+    record_input_hook,
+    replace_first_output,
+)
 
 
 def naive_patch_set(
@@ -74,22 +83,15 @@ def naive_patch_set(
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             hooks.count(name)
-            first = output[0] if isinstance(output, tuple) else output
+            first = first_output(output)
             v = patch_of.get((kind, layer, -1))
             if v is not None:
                 hooks.count(f"patch.{name}")
                 first = first.clone()
                 first[:, t] = v
-                output = (first, *output[1:]) if isinstance(output, tuple) else first
+                output = replace_first_output(output, first)
             got[name] = first[:, t].clone()
             return output
-
-        return hook
-
-    def o_proj_pre(layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            hooks.count(f"o_proj.{layer}")
-            z_in[layer] = args[0][:, t].clone()
 
         return hook
 
@@ -117,7 +119,10 @@ def naive_patch_set(
             pts = adapter.hook_points(layer)
             hooks.add(pts.attn.register_forward_hook(output_hook("attn", layer)), f"attn.{layer}")
             hooks.add(pts.mlp.register_forward_hook(output_hook("mlp", layer)), f"mlp.{layer}")
-            hooks.add(pts.o_proj.register_forward_pre_hook(o_proj_pre(layer)), f"o_proj.{layer}")
+            hooks.add(
+                pts.o_proj.register_forward_pre_hook(record_input_hook(hooks, z_in, layer, t)),
+                f"o_proj.{layer}",
+            )
             heads = [m.head for m in members if m.kind == "head" and m.layer == layer]
             if heads:
                 hooks.add(
