@@ -29,7 +29,7 @@ from causalnet.errors import (
     ShapeError,
     UnknownNodeError,
 )
-from causalnet.sites import Site, SiteSet, is_site_set, parse_site, parse_site_set
+from causalnet.sites import Site, SiteSet, is_site_set, parse_site, parse_site_set, site_in_range
 
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
 
@@ -157,9 +157,7 @@ class ResidualAdapter(ABC):
         """Parse a site name and check it exists in this model (UnknownNodeError otherwise)."""
         s = parse_site(name)
         n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
-        bad_layer = s.kind != "embed" and not 0 <= s.layer < n_layers
-        bad_head = s.kind == "head" and not 0 <= s.head < n_heads
-        if bad_layer or bad_head:
+        if not site_in_range(s, n_layers, n_heads):
             raise UnknownNodeError(
                 f"site {name!r} does not exist in this {self.arch.family} model "
                 f"({n_layers} layers numbered 0..{n_layers - 1}, {n_heads} heads per layer "

@@ -18,7 +18,7 @@ from typing import Literal
 from torch import Tensor
 
 from causalnet.errors import CausalNetError, UnknownNodeError
-from causalnet.sites import parse_site
+from causalnet.sites import parse_site, site_in_range
 
 Granularity = Literal["layer", "head"]
 
@@ -92,9 +92,7 @@ class CleanRun:
         s = parse_site(site)
         assert self._attn is not None and self._heads is not None and self._mlp is not None
         n_layers, n_heads = self._heads.shape[0], self._heads.shape[1]
-        bad_layer = s.kind != "embed" and not 0 <= s.layer < n_layers
-        bad_head = s.kind == "head" and not 0 <= s.head < n_heads
-        if bad_layer or bad_head:
+        if not site_in_range(s, n_layers, n_heads):
             raise UnknownNodeError(
                 f"site {site!r} does not exist in a model with {n_layers} layers and {n_heads} "
                 f"heads (valid e.g. 'embed', 'attn.0', 'attn.0.h0', 'mlp.{n_layers - 1}')"

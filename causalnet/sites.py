@@ -58,6 +58,20 @@ def parse_site(name: str) -> Site:
     return Site(name, "head", int(m.group(4)), int(m.group(5)))
 
 
+def site_in_range(site: Site, n_layers: int, n_heads: int) -> bool:
+    """Whether ``site``'s layer (and head) exist in a model of ``n_layers`` layers and
+    ``n_heads`` heads per layer (``embed`` always does).
+
+    >>> site_in_range(parse_site("attn.3.h1"), n_layers=4, n_heads=2)
+    True
+    >>> site_in_range(parse_site("mlp.4"), n_layers=4, n_heads=2)
+    False
+    """
+    if site.kind != "embed" and not 0 <= site.layer < n_layers:
+        return False
+    return not (site.kind == "head" and not 0 <= site.head < n_heads)
+
+
 def is_downstream(readout: Site, ablated: Site, parallel_residual: bool) -> bool:
     """Whether ``readout``'s value can change when ``ablated`` is intervened on (paper Eq 33).
 
