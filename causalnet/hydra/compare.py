@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import ResultsError
-from .findings import CLAIMS, findings_table, prompts_count
+from .findings import CLAIMS, findings_table
 from .store import ResultsStore
 
 __all__ = ["compare_folders", "compare_report", "read_verdicts", "side_by_side_markdown"]
@@ -77,11 +77,11 @@ def compare_report(
         raise ResultsError(f"--csv {csv}: the folder {Path(csv).parent} does not exist")
     tables = compare_folders(folders, names)
     lines = []
-    for name, folder in zip(tables, folders, strict=True):
-        counts = prompts_count(ResultsStore(folder).load_effects())
+    for (name, table), folder in zip(tables.items(), folders, strict=True):
+        n_prompts = table.groupby("subset")["n_prompts"].first()  # a subset's prompt count
         lines.append(
-            f"- {name}: {counts['prompts']} prompts, the top token is the true attribute on "
-            f"{counts['target_true']} ({folder})"
+            f"- {name}: {n_prompts['all prompts']} prompts, the top token is the true attribute "
+            f"on {n_prompts.get('target true', 0)} ({folder})"
         )
     if csv is not None:
         pd.concat(list(tables.values()), ignore_index=True).to_csv(csv, index=False)

@@ -311,9 +311,3 @@ def findings_table(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def prompts_count(effects: pd.DataFrame) -> dict[str, int]:
-    """How many prompts, and how many with a true-attribute target (for the report's header)."""
-    per_prompt = effects.groupby("prompt_id")["target_is_true"].first()
-    return {"prompts": int(len(per_prompt)), "target_true": int(np.sum(per_prompt.to_numpy()))}
