@@ -7,6 +7,8 @@ Names a person can type, numbered from 0 as in Hugging Face (``docs/conventions.
 - ``attn.l.hH``: head H of attention layer l (its output through its slice of the output
   projection); the heads of a layer sum to ``attn.l``;
 - ``mlp.l``: MLP layer l's output;
+- ``mixer.l``: in a model whose blocks add one part, ``x + mixer(norm(x))`` (Mamba), that
+  part's output at block l; such a model has no attention, MLP or head sites;
 - ``a+b+...``: a set of sites ablated together in one run; its canonical name lists the
   members in residual order (:func:`parse_site_set`; conventions: "Sets of sites").
 
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from .errors import UnknownNodeError
 
-SiteKind = Literal["embed", "attn", "head", "mlp"]
+SiteKind = Literal["embed", "attn", "head", "mlp", "mixer"]
 
-_SITE = re.compile(r"^(?:(embed)|(attn|mlp)\.(\d+)|attn\.(\d+)\.h(\d+))$")
+_SITE = re.compile(r"^(?:(embed)|(attn|mlp|mixer)\.(\d+)|attn\.(\d+)\.h(\d+))$")
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,14 @@ class Site:
 
 
 def parse_site(name: str) -> Site:
-    """Parse ``embed``, ``attn.l``, ``mlp.l`` or ``attn.l.hH``; UnknownNodeError otherwise."""
+    """Parse ``embed``, ``attn.l``, ``mlp.l``, ``attn.l.hH`` or ``mixer.l``; UnknownNodeError
+    otherwise."""
     m = _SITE.match(name)
     if m is None:
         raise UnknownNodeError(
-            f"site {name!r} is not a site name; expected 'embed', 'attn.L', 'mlp.L' or "
-            "'attn.L.hH' with L and H numbered from 0 (e.g. 'attn.0', 'mlp.12', 'attn.3.h1')"
+            f"site {name!r} is not a site name; expected 'embed', 'attn.L', 'mlp.L', "
+            "'attn.L.hH' or 'mixer.L' with L and H numbered from 0 (e.g. 'attn.0', 'mlp.12', "
+            "'attn.3.h1', 'mixer.5')"
         )
     if m.group(1):
         return Site(name, "embed", -1)
@@ -80,6 +85,13 @@ def is_downstream(readout: Site, ablated: Site, parallel_residual: bool) -> bool
     is ablated, and after it when an MLP site is ablated; in parallel-residual models (GPT-NeoX,
     GPT-J) the MLP of the ablated attention's own layer reads the same input and is not
     downstream. The embedding is never downstream; nor are other heads of the same layer.
+    In a model of one-part blocks (``mixer.l``, Mamba) mixer.m is downstream of mixer.l iff
+    m > l, and every mixer site is downstream of the embedding.
+
+    >>> is_downstream(parse_site("mixer.3"), parse_site("mixer.2"), parallel_residual=False)
+    True
+    >>> is_downstream(parse_site("mixer.2"), parse_site("mixer.2"), parallel_residual=False)
+    False
     """
     if readout.kind == "embed" or ablated.kind == "embed":
         return readout.kind != "embed" and ablated.kind == "embed"
@@ -113,8 +125,9 @@ class SiteSet:
 
 
 def residual_key(site: Site) -> tuple[int, int, int]:
-    """Residual order of a single site: embed, then per layer attn.l, its heads, mlp.l."""
-    rank = {"embed": 0, "attn": 0, "head": 1, "mlp": 2}[site.kind]
+    """Residual order of a single site: embed, then per layer attn.l (or mixer.l), its heads,
+    mlp.l."""
+    rank = {"embed": 0, "attn": 0, "mixer": 0, "head": 1, "mlp": 2}[site.kind]
     return (site.layer, rank, site.head)
 
 
@@ -171,16 +184,11 @@ def unit_sort_key(name: str) -> tuple[int, int, int, int, str]:
     return (*residual_key(unit), 0, "")
 
 
-def downstream_masks(
+def _downstream_and_self(
     ablated: list[str], readouts: list[str], parallel_residual: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Boolean masks [n_ablated, n_readouts]: downstream attention, downstream MLP, self.
-
-    An ablated set (``a+b``) counts as its members together: "self" are its members, and
-    downstream are the sites downstream of its earliest member that are not members.
-    Every readout that is neither downstream nor the ablated site itself is "upstream": its
-    direct effect changes only through the final norm's scale sigma.
-    """
+) -> tuple[Tensor, Tensor, list[Site]]:
+    """[n_ablated, n_readouts] masks: downstream (not a member of the ablated unit), self; and
+    the parsed readout sites."""
     units = [parse_unit(s) for s in ablated]
     firsts = [u.first if isinstance(u, SiteSet) else u for u in units]
     own = [{m.name for m in u.members} if isinstance(u, SiteSet) else {u.name} for u in units]
@@ -192,9 +200,37 @@ def downstream_masks(
         ],
         dtype=torch.bool,
     ).reshape(len(units), len(r_sites))
-    is_attn = torch.tensor([r.is_attention for r in r_sites], dtype=torch.bool)
-    is_mlp = torch.tensor([r.kind == "mlp" for r in r_sites], dtype=torch.bool)
     self_mask = torch.tensor(
         [[r.name in mine for r in r_sites] for mine in own], dtype=torch.bool
     ).reshape(len(units), len(r_sites))
+    return down, self_mask, r_sites
+
+
+def downstream_masks(
+    ablated: list[str], readouts: list[str], parallel_residual: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Boolean masks [n_ablated, n_readouts]: downstream attention, downstream MLP, self.
+
+    An ablated set (``a+b``) counts as its members together: "self" are its members, and
+    downstream are the sites downstream of its earliest member that are not members.
+    Every readout that is neither downstream nor the ablated site itself is "upstream": its
+    direct effect changes only through the final norm's scale sigma -- except the downstream
+    mixer sites of a model of one-part blocks, which :func:`downstream_mixer_mask` gives.
+    """
+    down, self_mask, r_sites = _downstream_and_self(ablated, readouts, parallel_residual)
+    is_attn = torch.tensor([r.is_attention for r in r_sites], dtype=torch.bool)
+    is_mlp = torch.tensor([r.kind == "mlp" for r in r_sites], dtype=torch.bool)
     return down & is_attn, down & is_mlp, self_mask
+
+
+def downstream_mixer_mask(
+    ablated: list[str], readouts: list[str], parallel_residual: bool
+) -> Tensor:
+    """Boolean mask [n_ablated, n_readouts] of the downstream ``mixer.l`` readout sites (all
+    False in a model with attention and MLP sites).
+
+    >>> downstream_mixer_mask(["mixer.0"], ["embed", "mixer.0", "mixer.1"], False).tolist()
+    [[False, False, True]]
+    """
+    down, _, r_sites = _downstream_and_self(ablated, readouts, parallel_residual)
+    return down & torch.tensor([r.kind == "mixer" for r in r_sites], dtype=torch.bool)
