@@ -136,16 +136,19 @@ class HookSet:
         self.handles.clear()
 
 
-def call_model(model: nn.Module, tokens: Tensor, last_only: bool = False) -> Tensor:
+def call_model(
+    model: nn.Module, tokens: Tensor, last_only: bool = False, keep: list | None = None
+) -> Tensor:
     """The model's logits [B, T, V] (or [B, 1, V] with ``last_only`` where the model supports
-    ``logits_to_keep``) for token ids [B, T]; no KV cache. A module that is not a Hugging Face
-    model is called as ``model(tokens)`` and may return logits, a tuple or an object with
-    ``.logits``."""
+    ``logits_to_keep``) for token ids [B, T]; no KV cache, unless ``keep`` is a list: then a
+    Hugging Face model runs with its cache and ``keep`` receives the cache object it returned
+    (None if none). A module that is not a Hugging Face model is called as ``model(tokens)`` and
+    may return logits, a tuple or an object with ``.logits``."""
     from transformers import PreTrainedModel
 
     with torch.no_grad():
         if isinstance(model, PreTrainedModel):
-            kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": False}
+            kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": keep is not None}
             if last_only:
                 kwargs["logits_to_keep"] = 1
             try:
@@ -153,8 +156,12 @@ def call_model(model: nn.Module, tokens: Tensor, last_only: bool = False) -> Ten
             except TypeError:
                 kwargs.pop("logits_to_keep", None)
                 out = model(**kwargs)
+            if keep is not None:
+                keep.append(getattr(out, "past_key_values", None))
         else:
             out = model(tokens)
+            if keep is not None:
+                keep.append(None)
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = first(out)

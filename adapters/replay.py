@@ -26,23 +26,26 @@ with the reason, and the adapter falls back to :func:`causalnet.adapters.trace.r
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 
 from causalnet.errors import UnsupportedModelError
 
-from . import kernels
 from .hooks import HookSet, first, hidden_in, rel_err, tolerance, with_hidden_in
+from .linears import fast_linears
 
 _HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
 _CACHE = object()  # where the cache goes
@@ -124,6 +127,48 @@ def _check_kv_only(cache: Any) -> None:
             )
 
 
+def prefix_cache(cache: Any, t: int) -> Any:
+    """The model's cache of a clean forward over positions 0..t cut back to 0..t-1 (in place),
+    or None where it cannot be cut exactly: no cache, t = 0, or a layer that is not a plain
+    key/value layer holding all t + 1 positions (a sliding-window layer past its window, a
+    convolution or recurrent state). :func:`capture` then runs the model on the prefix itself."""
+    if t == 0 or not _is_cache(cache):
+        return None
+    layers = getattr(cache, "layers", None) or ()
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return None
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, Tensor) or keys.shape[-2] != t + 1:
+            return None
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and t + 1 >= window:
+            return None
+    if not layers:
+        return None
+    cache.crop(-1)
+    return cache
+
+
+#: id(clean run) -> the model's cache of its earlier positions (:func:`remember_prefix`)
+_PREFIXES: dict[int, Any] = {}
+
+
+def remember_prefix(clean: Any, cache: Any) -> None:
+    """Keep ``cache`` (:func:`prefix_cache`, or None) as ``clean``'s earlier keys and values for
+    as long as the clean run object lives: :func:`block_calls` then skips the prefix forward."""
+    if cache is None:
+        return
+    ident = id(clean)
+    _PREFIXES[ident] = cache
+    weakref.finalize(clean, _PREFIXES.pop, ident, None)
+
+
+def prefix_of(clean: Any) -> Any:
+    """The cache :func:`remember_prefix` kept for ``clean`` (None if none)."""
+    return _PREFIXES.get(id(clean))
+
+
 def _mark(x: Any, live: Any) -> Any:
     """``x`` with the live cache object replaced by ``_CACHE`` (in tuples, lists, dicts)."""
     if x is live:
@@ -135,9 +180,11 @@ def _mark(x: Any, live: Any) -> Any:
     return x
 
 
-def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
+def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) -> Capture:
     """The model's forward on ``prompt[:-1]`` (its cache) then ``prompt[-1]`` with every block's
-    arguments recorded, ``batch`` identical rows (module docstring)."""
+    arguments recorded, ``batch`` identical rows (module docstring). ``prefix``: the model's
+    cache of ``prompt[:-1]`` from the clean run (:func:`prefix_cache`; batch 1 only), copied and
+    used instead of the prefix forward."""
     p = adapter.parts
     model = adapter.model
     cap = Capture()
@@ -195,9 +242,11 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
 
     key = _cache_keyword(model)
     toks = prompt[None].expand(batch, -1)
-    with torch.no_grad(), fast_linears(p.blocks):
+    with torch.no_grad(), fast_linears(p.blocks, watch=True):
         kwargs: dict[str, Any] = {"use_cache": True}
-        if prompt.shape[0] > 1:
+        if prefix is not None and batch == 1 and prompt.shape[0] > 1:
+            kwargs[key] = copy.deepcopy(prefix)
+        elif prompt.shape[0] > 1:
             out = _forward(model, input_ids=toks[:, :-1], use_cache=True)
             cache = out.get(key) if hasattr(out, "get") else None
             if not _is_cache(cache):
@@ -324,10 +373,11 @@ class BlockCalls:
 _MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def block_calls(adapter: Any, prompt: Tensor) -> BlockCalls:
-    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1, and at batch 2 the
-    first time its arguments have this structure (how they scale with the batch)."""
-    one = capture(adapter, prompt, 1)
+def block_calls(adapter: Any, prompt: Tensor, prefix: Any = None) -> BlockCalls:
+    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1 (on the clean run's
+    ``prefix`` cache where given), and at batch 2 the first time its arguments have this
+    structure (how they scale with the batch)."""
+    one = capture(adapter, prompt, 1, prefix)
     sig = _signature((one.args, one.kwargs))
     known = _MODES.setdefault(adapter, {})
     if sig not in known:
@@ -343,23 +393,3 @@ def block_calls(adapter: Any, prompt: Tensor) -> BlockCalls:
             )
         ]
     return BlockCalls(adapter, one, known[sig])
-
-
-@contextlib.contextmanager
-def fast_linears(modules: list[nn.Module]) -> Iterator[None]:
-    """Every plain ``nn.Linear`` inside ``modules`` computes through
-    :func:`causalnet.adapters.kernels.linear` while inside (the same ``x W^T + b`` of the same
-    weights, on oneDNN's kernel for float32 on a CPU, else ``F.linear``: equal up to float32
-    rounding); the modules' own ``forward`` is back on exit."""
-    linears = [m for block in modules for m in block.modules() if type(m) is nn.Linear]
-    for m in linears:
-        m.forward = functools.partial(_kernel_linear, m)  # an instance attribute, removed below
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.__dict__.pop("forward", None)
-
-
-def _kernel_linear(module: nn.Linear, x: Tensor) -> Tensor:
-    return kernels.linear(x, module.weight, module.bias)

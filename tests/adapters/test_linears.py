@@ -1,0 +1,146 @@
+"""Speed-ups of the discovered models' fast patching that must not change a value (issue 11):
+sibling linears in one stacked product (:mod:`causalnet.adapters.linears`) and the clean run's
+own cache reused as the replay's earlier keys and values (:func:`causalnet.adapters.replay.
+prefix_cache`).
+
+Oracles: each linear layer's own ``F.linear`` on the same input, the block's plain forward, and
+the hooked re-forward of the whole prompt (:func:`causalnet.adapters.trace.reforward_patch`).
+Tolerances: float64 1e-12 (same products, another grouping of rows), float32 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers as T
+from torch.nn import functional as F
+
+from causalnet.adapters import adapt, linears, replay
+from causalnet.adapters.trace import reforward_patch
+
+
+def _llama(dtype: torch.dtype = torch.float64, **kw: object) -> T.PreTrainedModel:
+    cfg = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(**cfg)).to(dtype).eval()
+
+
+def _watched(model: T.PreTrainedModel) -> list:
+    blocks = list(model.model.layers)
+    x = torch.randn(1, 5, 32, dtype=model.dtype)
+    with torch.no_grad(), linears.fast_linears(blocks, watch=True):
+        model(inputs_embeds=x)
+    return blocks
+
+
+def test_siblings_are_the_linears_a_block_calls_on_one_input():
+    model = _llama()
+    blocks = _watched(model)
+    attn, mlp = blocks[0].self_attn, blocks[0].mlp
+    qkv = linears.siblings_of(attn.q_proj)
+    assert qkv is not None and qkv is linears.siblings_of(attn.v_proj)
+    assert [r() for r in qkv.members] == [attn.q_proj, attn.k_proj, attn.v_proj]
+    gate_up = linears.siblings_of(mlp.gate_proj)
+    assert [r() for r in gate_up.members] == [mlp.gate_proj, mlp.up_proj]
+    # the output projection and down projection are called on inputs of their own
+    assert linears.siblings_of(attn.o_proj) is None
+    assert linears.siblings_of(mlp.down_proj) is None
+    assert linears.siblings_of(blocks[1].self_attn.q_proj) is not qkv  # per block
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_block_with_stacked_siblings_computes_what_its_own_forward_does(dtype, tol):
+    model = _llama(dtype)
+    blocks = _watched(model)
+    x = torch.randn(1, 6, 32, dtype=dtype)
+    with torch.no_grad():
+        want = model(inputs_embeds=x).logits
+        with linears.fast_linears(blocks):
+            assert "forward" in vars(blocks[0].self_attn.q_proj)
+            got = model(inputs_embeds=x).logits
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+    assert all("forward" not in vars(m) for b in blocks for m in b.modules())  # restored
+
+
+def test_a_sibling_called_on_another_tensor_computes_on_that_tensor():
+    model = _llama()
+    blocks = _watched(model)
+    attn = blocks[0].self_attn
+    x, y = torch.randn(3, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64)
+    with torch.no_grad(), linears.fast_linears(blocks):
+        q = attn.q_proj(x)
+        x.mul_(2.0)  # x edited in place: the product of x is stale
+        v = attn.v_proj(x)
+        k = attn.k_proj(y)  # not the product of x
+    torch.testing.assert_close(q, F.linear(x / 2, attn.q_proj.weight), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k, F.linear(y, attn.k_proj.weight), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, F.linear(x, attn.v_proj.weight), rtol=1e-12, atol=1e-12)
+
+
+def test_an_edited_sibling_weight_is_stacked_again():
+    model = _llama()
+    blocks = _watched(model)
+    attn = blocks[0].self_attn
+    x = torch.randn(3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        with linears.fast_linears(blocks):
+            attn.q_proj(x)
+        attn.k_proj.weight.mul_(3.0)
+        with linears.fast_linears(blocks):
+            attn.q_proj(x)
+            k = attn.k_proj(x)
+    torch.testing.assert_close(k, F.linear(x, attn.k_proj.weight), rtol=1e-12, atol=1e-12)
+
+
+def test_the_clean_run_keeps_its_cache_and_patching_from_it_is_exact():
+    adapter = adapt(_llama(), generic=True)
+    assert adapter.fast_refusal is None
+    tokens = torch.tensor([3, 9, 4, 17, 8, 2, 11])
+    clean = adapter.clean_run(tokens)
+    kept = replay.prefix_of(clean)
+    assert kept is not None and kept.get_seq_length() == len(tokens) - 1
+    without = dataclasses.replace(clean)  # the same clean run, no cache kept for it
+    assert replay.prefix_of(without) is None
+    sites = adapter.sites()
+    values = torch.randn(len(sites), 3, 32, dtype=torch.float64)
+    with_cache = adapter.patch(clean, sites, values)
+    assert kept.get_seq_length() == len(tokens) - 1  # the replay copied it, never extended it
+    no_cache = adapter.patch(without, sites, values)
+    parsed = [adapter.site(s) for s in sites]
+    oracle = reforward_patch(adapter, clean, parsed, values)
+    for run in (with_cache, no_cache):
+        for name in ("centred_logit", "sigma", "direct_effects"):
+            torch.testing.assert_close(
+                getattr(run, name), getattr(oracle, name), rtol=1e-9, atol=1e-9
+            )
+
+
+def test_a_sliding_window_the_prompt_has_passed_keeps_no_cache():
+    cfg = T.MistralConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        max_position_embeddings=64,
+        sliding_window=3,
+    )
+    torch.manual_seed(0)
+    model = T.MistralForCausalLM(cfg).double().eval()
+    adapter = adapt(model, generic=True)
+    long = adapter.clean_run(torch.tensor([3, 9, 4, 17, 8, 2]))
+    assert replay.prefix_of(long) is None  # its window layers hold the last positions only
+    short = adapter.clean_run(torch.tensor([3, 9]))
+    assert replay.prefix_of(short) is not None
