@@ -50,6 +50,8 @@ class Architecture:
     # A norm after each sublayer (Gemma 3): attn.l = norm(o_proj(heads)), so the heads have
     # no additive shares of attn.l and head granularity is refused.
     sublayer_norms: bool = False
+    # Blocks that add one part, x + mixer(norm(x)) (Mamba): sites embed and mixer.l only.
+    mixer_blocks: bool = False
 
 
 class HookPoints(NamedTuple):
@@ -62,12 +64,15 @@ class HookPoints(NamedTuple):
     - ``o_proj``: the attention output projection; its input [B, T, H * dh] is the heads'
       outputs concatenated head-major, and ``o_proj(x) = attn.l`` (an additive bias is split
       equally over the heads, as in :meth:`TransformerAdapter.head_outputs`).
+    - ``mixer``: in a model of one-part blocks (``arch.mixer_blocks``), the module whose output
+      is ``mixer.l``; there ``attn``, ``mlp`` and ``o_proj`` are that module too and not hooked.
     """
 
     block: nn.Module
     attn: nn.Module
     mlp: nn.Module
     o_proj: nn.Module
+    mixer: nn.Module | None = None
 
 
 class ResidualAdapter(ABC):
@@ -138,8 +143,11 @@ class ResidualAdapter(ABC):
 
     def sites(self, granularity: Granularity = "layer") -> list[str]:
         """Intervenable sites in residual order: ``attn.0, mlp.0, attn.1, ...``, or with
-        ``granularity="head"``: ``attn.0.h0 .. attn.0.h{H-1}, mlp.0, ...`` (HF layer index)."""
+        ``granularity="head"``: ``attn.0.h0 .. attn.0.h{H-1}, mlp.0, ...`` (HF layer index);
+        in a model of one-part blocks ``mixer.0, mixer.1, ...``."""
         self._check_granularity(granularity)
+        if self.arch.mixer_blocks:
+            return [f"mixer.{layer}" for layer in range(self.arch.n_layers)]
         out: list[str] = []
         for layer in range(self.arch.n_layers):
             if granularity == "head":
@@ -157,6 +165,17 @@ class ResidualAdapter(ABC):
         """Parse a site name and check it exists in this model (UnknownNodeError otherwise)."""
         s = parse_site(name)
         n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
+        if s.kind != "embed" and (s.kind == "mixer") != self.arch.mixer_blocks:
+            has = (
+                "one-part blocks: its sites are 'embed' and 'mixer.L'"
+                if self.arch.mixer_blocks
+                else "attention and MLP parts: its sites are 'embed', 'attn.L', 'mlp.L', "
+                "'attn.L.hH'"
+            )
+            raise UnknownNodeError(
+                f"site {name!r} does not exist in this {self.arch.family} model, whose blocks "
+                f"add {has} (L numbered 0..{n_layers - 1})"
+            )
         if not site_in_range(s, n_layers, n_heads):
             raise UnknownNodeError(
                 f"site {name!r} does not exist in this {self.arch.family} model "

@@ -41,8 +41,16 @@ from torch import Tensor, nn
 from causalnet.errors import UnsupportedModelError
 
 from .hooks import rel_err, tolerance
-from .measure import PROBE_SHAPE, Recording, measure_roles, probe_tokens
+from .measure import (
+    PROBE_SHAPE,
+    Recording,
+    measure_roles,
+    probe_tokens,
+    snap_multiplier,
+    subtree,
+)
 from .norms import FinalNorm, Readout, fit_final_norm, fit_readout
+from .onepart import NO_HEADS, find_mixers
 
 
 @dataclass(frozen=True)
@@ -86,13 +94,30 @@ class Decomposition:
     # per layer with heads, the norm after the attention (heads are its shares), else None
     post_norms: list[Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # one-part blocks (x + gamma_l * mixer_l(norm(x)), Mamba): the mixers; attn/mlp are empty
+    mixer: list[nn.Module] | None = None
+    mixer_names: list[str] = field(default_factory=list)
+    gamma: list[float] = field(default_factory=list)
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def one_part(self) -> bool:
+        """Whether each block adds one part, the mixer (sites ``mixer.l``), not two."""
+        return self.mixer is not None
+
     def summary(self) -> str:
         """One line per part, for error messages and the README."""
+        if self.mixer is not None:
+            return (
+                f"{self.family}: {self.n_layers} one-part blocks at "
+                f"{self.block_names[0].rsplit('.', 1)[0]}, mixer={self.mixer_names[0]}, "
+                f"multipliers {sorted({g for g in self.gamma if g != 1.0}) or 'none'}, final "
+                f"norm {self.final_norm.form} ({self.final_norm.name or '-'}), heads: "
+                f"{self.head_refusal}"
+            )
         mult = {a for a in self.alpha + self.beta if a != 1.0}
         return (
             f"{self.family}: {self.n_layers} blocks at {self.block_names[0].rsplit('.', 1)[0]}, "
@@ -102,9 +127,6 @@ class Decomposition:
             f"{self.readout.logit_scale:g}, softcap {self.readout.softcap}, multipliers "
             f"{sorted(mult) or 'none'}, heads: {self.head_refusal or self.n_heads}"
         )
-
-
-_NONE = torch.empty(0)
 
 
 def _module(model: nn.Module, path: str, what: str) -> nn.Module:
@@ -151,15 +173,6 @@ def _find_blocks(model: nn.Module, rec: Recording, declared: str | None) -> list
     return best
 
 
-def _subtree(name: str, rec: Recording, shape: torch.Size) -> list[str]:
-    """Submodules of ``name`` that run once with an output of ``shape``."""
-    return [
-        n
-        for n in rec.calls
-        if n.startswith(name + ".") and rec.calls[n] == 1 and rec.out.get(n, _NONE).shape == shape
-    ]
-
-
 def _fit_pair(delta: Tensor, a: Tensor, m: Tensor) -> tuple[float, float, float]:
     """Least-squares alpha, beta with delta = alpha a + beta m; returns (alpha, beta, max error)."""
     x = torch.stack([a.reshape(-1), m.reshape(-1)], 1).double()
@@ -167,13 +180,6 @@ def _fit_pair(delta: Tensor, a: Tensor, m: Tensor) -> tuple[float, float, float]
     coef = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
     err = float((y - x @ coef).abs().max())
     return float(coef[0]), float(coef[1]), err
-
-
-def _snap(value: float, config: Any, tol: float) -> float:
-    for cand in (1.0, getattr(config, "residual_multiplier", None)):
-        if isinstance(cand, (int, float)) and abs(value - cand) <= max(1e-4, tol) * abs(cand):
-            return float(cand)
-    return value
 
 
 def _find_pair(block: str, rec: Recording, decl: Declaration | None, config: Any) -> tuple:
@@ -192,7 +198,7 @@ def _find_pair(block: str, rec: Recording, decl: Declaration | None, config: Any
                 )
         pairs = [tuple(names)]
     else:
-        cands = _subtree(block, rec, x.shape)
+        cands = subtree(block, rec, x.shape)
         pairs = [
             (a, m)
             for a, m in itertools.combinations(cands, 2)
@@ -208,7 +214,7 @@ def _find_pair(block: str, rec: Recording, decl: Declaration | None, config: Any
         if err < best_err and not degenerate:
             best_err, best_pair = err, (a, m)
         if err <= tol * scale and not degenerate:
-            ca, cm = _snap(ca, config, tol), _snap(cm, config, tol)
+            ca, cm = snap_multiplier(ca, config, tol), snap_multiplier(cm, config, tol)
             nice = (ca, cm) == (1.0, 1.0) or ca == cm == getattr(config, "residual_multiplier", 0)
             # prefer exact unit (or config) multipliers, outer modules, the last ones called
             key = (not nice, a.count(".") + m.count("."), -rec.order[a] - rec.order[m])
@@ -304,7 +310,25 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
             f"between the last block {blocks[-1]} and the unembedding {u_name} there is no "
             "single module mapping the one's output to the other's input"
         )
-    pairs = [_find_pair(b, rec, declare, config) for b in blocks]
+    found: list[tuple[str, float]] = []
+    try:
+        pairs = [_find_pair(b, rec, declare, config) for b in blocks]
+    except UnsupportedModelError as err:
+        if declare is not None:
+            raise
+        found = find_mixers(blocks, rec, config, err)  # one-part blocks, or both reasons
+    norm = fit_final_norm(
+        mods[norm_name] if norm_name else None, norm_name, rec.inp.get(norm_name, z_last), config
+    )
+    readout = fit_readout(unembed, rec.inp[u_name], rec.out[u_name], rec.logits, config)
+    family = str(getattr(config, "model_type", None) or type(model).__name__)
+    if found:
+        return Decomposition(
+            model, family, [mods[b] for b in blocks], blocks, [], [], [], [], [], [], False,
+            norm, readout, shape[-1], weight.shape[0], 0, None, NO_HEADS, False,
+            mixer=[mods[n] for n, _ in found], mixer_names=[n for n, _ in found],
+            gamma=[g for _, g in found],
+        )  # fmt: skip
     attn_first, parallel = measure_roles(model, blocks, pairs, tokens)
     if declare is not None and not all(attn_first):
         bad = blocks[attn_first.index(False)]
@@ -313,10 +337,6 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
             f"but the declared mlp {declare.mlp!r} does"
         )
     ordered = [p if a else (p[1], p[0], p[3], p[2]) for p, a in zip(pairs, attn_first, strict=True)]
-    norm = fit_final_norm(
-        mods[norm_name] if norm_name else None, norm_name, rec.inp.get(norm_name, z_last), config
-    )
-    readout = fit_readout(unembed, rec.inp[u_name], rec.out[u_name], rec.logits, config)
     n_heads = _n_heads(config, declare)
     o_projs: list[nn.Module] | None = []
     post_norms: list[Any] | None = []
@@ -352,7 +372,7 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
     post_norm_parts = any(_is_norm(m) for m in a_mods)
     return Decomposition(
         model=model,
-        family=str(getattr(config, "model_type", None) or type(model).__name__),
+        family=family,
         blocks=[mods[b] for b in blocks],
         block_names=blocks,
         attn=a_mods,

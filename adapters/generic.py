@@ -41,11 +41,10 @@ from causalnet.sites import Site
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
-from .linears import fast_linears
 from .measure import probe_tokens
 from .readout import accumulation_dtype
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
-from .replay import prefix_cache, remember_prefix
+from .recurrent import check_recurrent, recurrent_patch
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 
@@ -77,6 +76,7 @@ class GenericAdapter(ResidualAdapter):
             parallel_residual=p.parallel_residual,
             norm="layer" if p.final_norm.form == "layer" else "rms",
             sublayer_norms=p.sublayer_norms,
+            mixer_blocks=p.one_part,
         )
         self._lock = threading.RLock()
         self.verification = verify(self)
@@ -101,7 +101,8 @@ class GenericAdapter(ResidualAdapter):
         with self._lock:
             if self._fast is None:
                 probe = probe_tokens(self.model, self.parts.vocab_size)[0]
-                self._fast = check_fast(self, probe)
+                check = check_recurrent if self.parts.one_part else check_fast
+                self._fast = check(self, probe)
             return self._fast
 
     # ---- what the base and the oracle need ------------------------------------------------
@@ -125,6 +126,9 @@ class GenericAdapter(ResidualAdapter):
 
     def hook_points(self, layer: int) -> HookPoints:
         p = self.parts
+        if p.mixer is not None:  # one-part blocks: the oracle hooks the mixer only
+            mixer = p.mixer[layer]
+            return HookPoints(p.blocks[layer], mixer, mixer, mixer, mixer)
         o_proj = p.o_proj[layer] if p.o_proj is not None else p.attn[layer]
         return HookPoints(p.blocks[layer], p.attn[layer], p.mlp[layer], o_proj)
 
@@ -141,13 +145,12 @@ class GenericAdapter(ResidualAdapter):
         patches: list[tuple[Site, Tensor, Tensor]] | None = None,
         heads: bool = False,
         last_only: bool = False,
-        keep_cache: bool = False,
     ) -> Trace:
         """The model's hooked forward on ``tokens`` [B, T] (:func:`causalnet.adapters.trace.
         record`): every site at the positions ``at`` [B] (None: all), with do(site = value)
         for every ``(site, rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``."""
         with self._lock:
-            return record(self, tokens, at, patches, heads, last_only, keep_cache)
+            return record(self, tokens, at, patches, heads, last_only)
 
     # ---- the sweep's interface --------------------------------------------------------------
     def clean_runs(
@@ -161,10 +164,7 @@ class GenericAdapter(ResidualAdapter):
         self._check_granularity(granularity)
         padded, toks, ts = self.pad_prompts(prompts, positions)
         at = torch.tensor(ts, device=self.device)
-        # one prompt: the model's own cache of its earlier positions is kept for fast patching
-        single = len(toks) == 1
-        with fast_linears(self.parts.blocks):
-            tr = self.record(padded, at=at, heads=self.parts.o_proj is not None, keep_cache=single)
+        tr = self.record(padded, at=at, heads=self.parts.o_proj is not None)
         values = site_values(tr, self.arch.n_layers, granularity)
         sigmas = self.final_scale(tr.final)
         acc = accumulation_dtype(self.dtype)
@@ -173,13 +173,14 @@ class GenericAdapter(ResidualAdapter):
         for b, (tokens, t) in enumerate(zip(toks, ts, strict=True)):
             target = int(torch.argmax(tr.logits[b]))
             w, const = self.readout(target)
-            attn = torch.stack([a[b] for a in tr.attn])
-            mlp = torch.stack([m[b] for m in tr.mlp])
             pre = torch.stack([x[b] for x in tr.pre])
+            mixer = None if tr.mixer is None else torch.stack([x[b] for x in tr.mixer])
+            attn = None if mixer is not None else torch.stack([a[b] for a in tr.attn])
+            mlp = None if mixer is not None else torch.stack([m[b] for m in tr.mlp])
             heads = (
                 torch.stack([h[b] for h in tr.heads])
                 if tr.heads is not None
-                else attn.new_zeros(n_l, 0, d)
+                else pre.new_zeros(n_l, 0, d)
             )
             out.append(
                 CleanRun(
@@ -196,14 +197,13 @@ class GenericAdapter(ResidualAdapter):
                     direct_effects=values[b].to(acc) @ w / sigmas[b],
                     centred_logit=float(centred_logit(self, tr, target)[b]),
                     _resid_pre=pre,
-                    _resid_mid=pre if self.arch.parallel_residual else pre + attn,
+                    _resid_mid=pre if self.arch.parallel_residual or attn is None else pre + attn,
                     _attn=attn,
                     _heads=heads,
                     _mlp=mlp,
+                    _mixer=mixer,
                 )
             )
-        if single:
-            remember_prefix(out[0], prefix_cache(tr.cache, ts[0]))
         return out
 
     def final_values(
@@ -259,5 +259,6 @@ class GenericAdapter(ResidualAdapter):
             # sets of sites: the hooked re-forward patches every member (the fast replay
             # path takes single sites only)
             if self.fast_refusal is None and not has_sets:
-                return fast_patch(self, clean, [g[0] for g in groups], values)
+                fast = recurrent_patch if self.parts.one_part else fast_patch
+                return fast(self, clean, [g[0] for g in groups], values)
             return reforward_patch(self, clean, groups, values)

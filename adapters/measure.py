@@ -156,3 +156,24 @@ def probe_tokens(model: nn.Module, n_vocab: int) -> Tensor:
     gen = torch.Generator().manual_seed(10)
     dev = next(model.parameters()).device
     return torch.randint(0, min(n_vocab, 1000), PROBE_SHAPE, generator=gen).to(dev)
+
+
+def subtree(name: str, rec: Recording, shape: torch.Size) -> list[str]:
+    """Submodules of ``name`` that ran once with an output of ``shape`` on the recording."""
+    return [
+        n
+        for n in rec.calls
+        if n.startswith(name + ".")
+        and rec.calls[n] == 1
+        and n in rec.out
+        and rec.out[n].shape == shape
+    ]
+
+
+def snap_multiplier(value: float, config: Any, tol: float) -> float:
+    """A fitted residual multiplier rounded to 1 or the config's ``residual_multiplier``
+    (Granite) where it is that within the dtype's rounding; else itself."""
+    for cand in (1.0, getattr(config, "residual_multiplier", None)):
+        if isinstance(cand, (int, float)) and abs(value - cand) <= max(1e-4, tol) * abs(cand):
+            return float(cand)
+    return value

@@ -22,6 +22,8 @@ Where the hooks sit (family modules from :meth:`TransformerAdapter.hook_points`)
   projection moves head H's pre-norm term, ``o += (v - share_H) * sigma(o) / gamma`` (coordinates
   with gamma = 0 keep it), and the model's own norm module renormalises; heads are read back as
   shares at the run's own sigma(o'), the frame read from the norm module (:func:`post_norm_frame`);
+- ``mixer.l`` (a model of one-part blocks, ``arch.mixer_blocks``: Mamba): a forward hook on
+  ``hook_points().mixer`` edits / reads its output, as for ``mlp.l``;
 - z^L: a pre-hook on the final norm.
 
 Every hook counts its calls; a patch hook or a recording hook that did not run raises
@@ -290,6 +292,11 @@ def _naive_batch(
         hooks.add(first.register_forward_pre_hook(block0_pre, with_kwargs=True), "embed")
         for layer in range(n_layers):
             pts = adapter.hook_points(layer)
+            if adapter.arch.mixer_blocks:
+                name = f"mixer.{layer}"
+                assert pts.mixer is not None
+                hooks.add(pts.mixer.register_forward_hook(output_hook(name, "mixer", layer)), name)
+                continue
             attn_name, mlp_name = f"attn.{layer}", f"mlp.{layer}"
             hooks.add(
                 pts.attn.register_forward_hook(output_hook(attn_name, "attn", layer)), attn_name
@@ -313,6 +320,9 @@ def _naive_batch(
     with torch.no_grad():
         site_values: dict[str, Tensor] = {"embed": got["embed"]}
         for layer in range(n_layers):
+            if adapter.arch.mixer_blocks:
+                site_values[f"mixer.{layer}"] = got[f"mixer.{layer}"]
+                continue
             if granularity == "head":
                 pts = adapter.hook_points(layer)
                 heads = head_contributions(pts.o_proj, z_in[layer], n_heads)

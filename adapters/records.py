@@ -18,7 +18,7 @@ from typing import Literal
 from torch import Tensor
 
 from causalnet.errors import CausalNetError, UnknownNodeError
-from causalnet.sites import parse_site, site_in_range
+from causalnet.sites import Site, parse_site, site_in_range
 
 Granularity = Literal["layer", "head"]
 
@@ -85,11 +85,15 @@ class CleanRun:
     _attn: Tensor | None = field(repr=False, default=None)  # [L, d]
     _heads: Tensor | None = field(repr=False, default=None)  # [L, H, d]
     _mlp: Tensor | None = field(repr=False, default=None)  # [L, d]
+    _mixer: Tensor | None = field(repr=False, default=None)  # [L, d], one-part blocks only
 
     def value(self, site: str) -> Tensor:
-        """The clean value at t [d] of any site (``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``),
-        whatever the granularity of the run -- the source of mean and resample ablations."""
+        """The clean value at t [d] of any site (``embed``, ``attn.l``, ``attn.l.hH``, ``mlp.l``;
+        ``mixer.l`` in a model of one-part blocks), whatever the granularity of the run -- the
+        source of mean and resample ablations."""
         s = parse_site(site)
+        if self._mixer is not None or s.kind == "mixer":
+            return self._mixer_value(s)
         assert self._attn is not None and self._heads is not None and self._mlp is not None
         n_layers, n_heads = self._heads.shape[0], self._heads.shape[1]
         if not site_in_range(s, n_layers, n_heads):
@@ -104,6 +108,16 @@ class CleanRun:
         if s.kind == "head":
             return self._heads[s.layer, s.head]
         return self._mlp[s.layer]
+
+    def _mixer_value(self, s: Site) -> Tensor:
+        n_layers = 0 if self._mixer is None else self._mixer.shape[0]
+        if self._mixer is None or s.kind not in ("embed", "mixer") or s.layer >= n_layers:
+            kind = "one-part blocks" if self._mixer is not None else "attention and MLP parts"
+            raise UnknownNodeError(
+                f"site {s.name!r} does not exist in this run's model, whose blocks add {kind} "
+                f"({n_layers or 'no'} mixer sites; e.g. 'embed', 'mixer.0')"
+            )
+        return self.site_values[0] if s.kind == "embed" else self._mixer[s.layer]
 
 
 @dataclass

@@ -9,6 +9,8 @@
   output projection (:mod:`causalnet.adapters.heads`);
 - do(site = v) at position t replaces that output at t (by v / alpha_l); a head's term is
   replaced inside the output projection's output;
+- in a model of one-part blocks (``parts.one_part``, Mamba) ``mixer.l`` = gamma_l * (the
+  mixer's output), patched the same way; ``attn`` and ``mlp`` are then empty;
 - under a norm after the attention (``parts.post_norms``) a head's value is its share
   c(o) * o_H, c(o) = alpha_l * gamma / s(o) (:class:`causalnet.adapters.heads.PostNorm`), at the
   run's own scale; do(attn.l.hH = v) moves its term to o_H + (v - c(o) o_H) / c(o) at the clean
@@ -51,7 +53,7 @@ class Trace:
     final: Tensor
     unembedded: Tensor
     logits: Tensor
-    cache: Any = None  # the model's own cache of this forward (``record(keep_cache=True)``)
+    mixer: list[Tensor] | None = None  # one-part blocks: mixer.l per layer (attn, mlp empty)
 
 
 def record(
@@ -61,12 +63,10 @@ def record(
     patches: list[tuple[Site, Tensor, Tensor]] | None = None,
     heads: bool = False,
     last_only: bool = False,
-    keep_cache: bool = False,
 ) -> Trace:
     """Run ``adapter``'s model on ``tokens`` [B, T] with do(site = value) for every ``(site,
     rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``, recording every site at
-    the positions ``at`` [B] (None: all positions); with ``keep_cache`` the model runs with its
-    own cache and the trace keeps it (the fast patch engine's earlier keys and values)."""
+    the positions ``at`` [B] (None: all positions)."""
     p = adapter.parts
     n_b, n_t = tokens.shape
     rows_all = torch.arange(n_b, device=tokens.device)
@@ -85,7 +85,7 @@ def record(
     rec: dict[str, Any] = {"pre": [None] * p.n_layers, "z": [None] * p.n_layers}
     rec.update(o=[None] * p.n_layers, moved=[])
     post = p.post_norms or [None] * p.n_layers
-    rec.update(attn=[None] * p.n_layers, mlp=[None] * p.n_layers)
+    rec.update(attn=[None] * p.n_layers, mlp=[None] * p.n_layers, mixer=[None] * p.n_layers)
 
     def put(x: Tensor, key: tuple[str, int], scale: float) -> Tensor:
         entries = by.get(key)
@@ -150,8 +150,12 @@ def record(
 
     with HookSet() as hooks, torch.no_grad():
         for layer in range(p.n_layers):
-            alpha = p.alpha[layer]
             hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
+            if p.mixer is not None:
+                mix = part("mixer", layer, p.gamma[layer])
+                hooks.part(p.blocks[layer], p.mixer[layer], f"mixer.{layer}", mix)
+                continue
+            alpha = p.alpha[layer]
             if p.o_proj is not None and (heads or ("o_proj", layer) in by):
                 hooks.pre(p.o_proj[layer], f"o_proj.{layer}", o_pre(layer))
                 if ("o_proj", layer) in by or post[layer] is not None:
@@ -163,8 +167,7 @@ def record(
         final = p.final_norm.module
         hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
         hooks.post(p.readout.unembed, "unembed", unembed_post)
-        kept: list[Any] | None = [] if keep_cache else None
-        logits = call_model(adapter.model, tokens, last_only=last_only, keep=kept)
+        logits = call_model(adapter.model, tokens, last_only=last_only)
         hooks.check()
         head_vals = None
         if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
@@ -189,13 +192,13 @@ def record(
     return Trace(
         embed=rec["pre"][0],
         pre=rec["pre"],
-        attn=rec["attn"],
-        mlp=rec["mlp"],
+        attn=[] if p.one_part else rec["attn"],
+        mlp=[] if p.one_part else rec["mlp"],
         heads=head_vals,
         final=rec["final"],
         unembedded=rec["unembedded"],
         logits=pick(logits),
-        cache=kept[0] if kept else None,
+        mixer=rec["mixer"] if p.one_part else None,
     )
 
 
@@ -213,6 +216,8 @@ def _shares(norm: Any, p: Any, layer: int, rec: dict[str, Any]) -> Tensor:
 
 def site_values(tr: Trace, n_layers: int, granularity: Granularity) -> Tensor:
     """The readout sites' values [B, R, d] of a trace taken at one position per row."""
+    if tr.mixer is not None:
+        return torch.stack([tr.embed, *tr.mixer], dim=1)
     cols = [tr.embed]
     for layer in range(n_layers):
         if granularity == "head":

@@ -76,22 +76,25 @@ def verify(adapter: Any, tokens: Tensor | None = None) -> Verification:
     tol_r = max(tol, tolerance(p.final_norm.compute_dtype))
     scale = max(float(tr.final.abs().max()), max(float(x.abs().max()) for x in tr.pre), 1e-30)
     blocks = []
-    for layer in range(p.n_layers):
+    # what each block adds: attn.l + mlp.l, or mixer.l in a model of one-part blocks
+    parts = (
+        [(m.double(), f"mixer.{i}") for i, m in enumerate(tr.mixer)]
+        if tr.mixer is not None
+        else [
+            (a.double() + m.double(), f"attn.{i} + mlp.{i}")
+            for i, (a, m) in enumerate(zip(tr.attn, tr.mlp, strict=True))
+        ]
+    )
+    for layer, (added, names) in enumerate(parts):
         nxt = tr.pre[layer + 1] if layer + 1 < p.n_layers else tr.final
-        got = tr.pre[layer].double() + tr.attn[layer].double() + tr.mlp[layer].double()
-        err = float((got - nxt.double()).abs().max()) / scale
+        err = float((tr.pre[layer].double() + added - nxt.double()).abs().max()) / scale
         blocks.append(err)
         if err > tol:
             what = "the final norm's input" if layer + 1 == p.n_layers else "the next block's input"
             raise _fail(
-                f"block {p.block_names[layer]}: Eq 21 (its input + attn.{layer} + mlp.{layer} = "
-                f"{what})",
-                err,
-                tol,
+                f"block {p.block_names[layer]}: Eq 21 (its input + {names} = {what})", err, tol
             )
-    total = tr.embed.double() + sum(
-        a.double() + m.double() for a, m in zip(tr.attn, tr.mlp, strict=True)
-    )
+    total = tr.embed.double() + sum(added for added, _ in parts)
     eq21 = float((total - tr.final.double()).abs().max()) / scale
     if eq21 > tol:
         raise _fail("Eq 21 (embed + every site = the final residual)", eq21, tol)
@@ -104,7 +107,11 @@ def verify(adapter: Any, tokens: Tensor | None = None) -> Verification:
     if logit_err > tol_r:
         raise _fail("the logits from the identified final norm and unembedding", logit_err, tol_r)
     acc = accumulation_dtype(dtype)
-    values = [tr.embed] + [x for a, m in zip(tr.attn, tr.mlp, strict=True) for x in (a, m)]
+    values = [tr.embed] + (
+        list(tr.mixer)
+        if tr.mixer is not None
+        else [x for a, m in zip(tr.attn, tr.mlp, strict=True) for x in (a, m)]
+    )
     stacked = torch.stack(values, -2).to(acc)  # [B, T, R, d]
     sigma = adapter.final_scale(tr.final)
     pi = ro.logit_scale * tr.unembedded.to(acc)
@@ -193,6 +200,11 @@ def _oracle_row(
     with HookSet() as hooks:
         hooks.pre(p.blocks[0], "embed", embed_hook)
         for layer in range(p.n_layers):
+            if p.mixer is not None:
+                hit = site.kind == "mixer" and site.layer == layer
+                mix = out_hook(f"mixer.{layer}", p.gamma[layer], hit)
+                hooks.part(p.blocks[layer], p.mixer[layer], f"x{layer}", mix)
+                continue
             if p.o_proj is not None:
                 hooks.post(p.o_proj[layer], f"z.{layer}", z_hook(layer))
             hit = site.layer == layer
@@ -212,7 +224,7 @@ def _oracle_row(
         hooks.post(p.readout.unembed, "unembed", unembed_hook)
         call_model(adapter.model, prompt[None])
         hooks.check()
-    vals = {k: v for k, v in got.items() if k.startswith(("embed", "attn.", "mlp."))}
+    vals = {k: v for k, v in got.items() if k.startswith(("embed", "attn.", "mlp.", "mixer."))}
     if p.o_proj is not None:
         for layer in range(p.n_layers):
             h = head_terms(p.o_proj[layer], got[f"z.{layer}"][None], p.n_heads)[0]

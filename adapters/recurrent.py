@@ -1,0 +1,281 @@
+"""Fast patching of a model of one-part recurrent blocks (Mamba) from its own recurrent state.
+
+An intervention at position t changes nothing before t, and a recurrent block reads the earlier
+positions only through its state after t - 1 (Mamba: the convolution window and the SSM state).
+:func:`recurrent_patch` therefore
+
+1. runs the model's OWN forward on the prompt before t with its OWN cache (transformers'
+   ``Cache`` with per-layer ``conv_states`` / ``recurrent_states``): the states after t - 1;
+2. records how the model calls each block at t (one cached step of the model's own forward on
+   the token at t, from a copy of those states): the arguments besides the hidden state;
+3. replays the blocks themselves at t only, layer by layer, on rows [N, 1, d]: every
+   (site, patch) row of the prompt in one batch that grows as the layers go up. Rows are sorted
+   by the layer they enter at: ``embed`` rows run from block 0 with the patched embedding;
+   ``mixer.l`` rows skip block l (their residual after it is the clean block input plus the
+   patched value) and run from block l + 1. Before block l runs, layer l's states in a copy of
+   the cache are the clean states expanded (copied) to the rows running it, so each row's step
+   updates its own copy; the model's mixer computes the step (its conv update and selective
+   state update).
+
+``num[r, j]`` accumulates c_j . w_i for readout site j of row r from the clean values (sites
+below a row's entry are unchanged), and is divided by each row's own final scale sigma; the
+centred logit is the model's final norm module's output dotted with the centred unembedding
+row (the vocabulary projection is not computed).
+
+The single-step recurrence is the model's own decoding path, a different computation from the
+full-sequence scan of the clean run: Mamba's reference step computes its state update in
+float32 even in a float64 model (``dt.float()``, ``state.float()``), so in float64 it
+disagrees with the scan by ~1e-9 to 1e-8 of the centred logit. :func:`check_recurrent`
+compares the two on a probe, every site patched, before the adapter uses this path, with a
+margin of 10 below the tolerance (one probe prompt stands for every prompt): beyond 1e-5
+(float32) / 1e-10 (float64) of max(1, |centred logit|) on the probe the adapter patches by the
+hooked re-forward of the whole prompt (:func:`causalnet.adapters.trace.reforward_patch`,
+exact to 1e-4 / 1e-9) and says why (``fast_refusal``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache
+
+from causalnet.errors import CausalNetError, UnsupportedModelError
+from causalnet.sites import Site
+
+from .hooks import HookSet, first, hidden_in
+from .readout import accumulation_dtype, vocab_mean
+from .records import CleanRun, PatchedRun
+from .trace import reforward_patch
+
+#: Errors a model's own modules may raise on arguments they were not made for; caught only by
+#: :func:`check_recurrent`, which records them as the reason to fall back.
+MODULE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)
+_STATES = ("conv_states", "recurrent_states")
+MARGIN = 10  # the probe check's margin below the patching tolerance
+_HIDDEN = object()  # where a block's hidden-state input goes in its recorded arguments
+_CACHE = object()  # where the cache goes
+
+
+def _find_cache(out: Any) -> Cache:
+    for key in ("cache", "cache_params", "past_key_values"):
+        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
+        if isinstance(value, Cache):
+            return value
+    raise UnsupportedModelError(f"the model returned no transformers Cache ({type(out).__name__})")
+
+
+def _state_layers(cache: Cache, n_layers: int) -> list[Any]:
+    """The cache's per-layer objects, each holding only convolution / recurrent states."""
+    layers = list(getattr(cache, "layers", None) or ())
+    if len(layers) != n_layers:
+        raise UnsupportedModelError(
+            f"the cache has {len(layers)} layers for {n_layers} blocks: not one state per block"
+        )
+    for i, layer in enumerate(layers):
+        keys = getattr(layer, "keys", None)
+        if not all(isinstance(getattr(layer, a, None), dict) for a in _STATES) or isinstance(
+            keys, Tensor
+        ):
+            raise UnsupportedModelError(
+                f"the cache's layer {i} ({type(layer).__name__}) is not a convolution / "
+                "recurrent state alone (attention keys and values are not replayed here)"
+            )
+    return layers
+
+
+def _forward(model: nn.Module, **kwargs: Any) -> Any:
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
+
+
+def _mark(x: Any, live: Any) -> Any:
+    if x is live:
+        return _CACHE
+    if isinstance(x, Tensor):
+        raise UnsupportedModelError(
+            "a block is called with a tensor besides its hidden state; the replay passes none"
+        )
+    return x
+
+
+def _fill(x: Any, hidden: Tensor, cache: Any) -> Any:
+    return hidden if x is _HIDDEN else cache if x is _CACHE else x
+
+
+class Prefix:
+    """The model's own states after t - 1 (``cache``, None at t = 0) and how it calls each block
+    at t (``args`` / ``kwargs`` with ``_HIDDEN`` / ``_CACHE`` placeholders)."""
+
+    def __init__(self, adapter: Any, prompt: Tensor) -> None:
+        p = adapter.parts
+        model = adapter.model
+        self.cache: Cache | None = None
+        step: dict[str, Any] = {"use_cache": True}
+        with torch.no_grad():
+            if prompt.shape[0] > 1:
+                out = _forward(model, input_ids=prompt[None, :-1], use_cache=True)
+                self.cache = _find_cache(out)
+                self.layers = _state_layers(self.cache, p.n_layers)
+                step["cache"] = copy.deepcopy(self.cache)  # the step below updates it
+            self.args: list[tuple] = [()] * p.n_layers
+            self.kwargs: list[dict] = [{}] * p.n_layers
+
+            def block_pre(layer: int) -> Any:
+                def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                    x = hidden_in(args, kwargs)
+                    live = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), 0)
+                    self.args[layer] = tuple(_HIDDEN if a is x else _mark(a, live) for a in args)
+                    self.kwargs[layer] = {
+                        k: _HIDDEN if v is x else _mark(v, live) for k, v in kwargs.items()
+                    }
+
+                return hook
+
+            with HookSet() as hooks:
+                for layer in range(p.n_layers):
+                    hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
+                _forward(model, input_ids=prompt[None, -1:], **step)
+                hooks.check()
+
+    def rows_cache(self, cache: Any, layer: int, n: int) -> Any:
+        """``cache`` (a copy of the prefix's) with layer ``layer``'s states the clean ones
+        expanded and copied to ``n`` rows (each row's step updates its own)."""
+        if self.cache is None:
+            return None
+        target = cache.layers[layer]
+        for attr in _STATES:
+            for i, state in getattr(self.layers[layer], attr).items():
+                if isinstance(state, Tensor):
+                    getattr(target, attr)[i] = state.expand(n, *state.shape[1:]).clone()
+        return cache
+
+    def call(self, block: nn.Module, layer: int, hidden: Tensor, cache: Any) -> Tensor:
+        """Block ``layer`` on ``hidden`` [N, 1, d] with ``cache`` where the model passed its
+        (None at t = 0: the block then runs on the one position without states, as the model
+        does on a one-token prompt)."""
+        args = tuple(_fill(a, hidden, cache) for a in self.args[layer])
+        kwargs = {k: _fill(v, hidden, cache) for k, v in self.kwargs[layer].items()}
+        out = first(block(*args, **kwargs))
+        if out is None or out.shape != hidden.shape:
+            raise UnsupportedModelError(f"block {layer} returned no [N, 1, d] hidden state")
+        return out
+
+
+def _centred(adapter: Any, z: Tensor, token: int) -> Tensor:
+    """The centred logit of ``token`` (before any cap) from final residuals z [N, d]."""
+    ro, norm = adapter.parts.readout, adapter.parts.final_norm
+    acc = accumulation_dtype(z.dtype)
+    x = z if norm.module is None else norm.module(z[:, None])[:, 0]
+    u = (ro.weight[token] - vocab_mean(ro.weight)).to(acc)
+    out = x.to(acc) @ u
+    if ro.bias is not None:
+        out = out + (ro.bias[token].to(acc) - ro.bias.to(acc).mean())
+    return out * ro.logit_scale
+
+
+def recurrent_patch(
+    adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
+) -> PatchedRun:
+    """do(site_s = values[s, p]) (checked [S, P, d] in the model's dtype; sites ``embed`` and
+    ``mixer.l``) at the clean run's position t, every row at once from the model's own states
+    after t - 1 (module docstring)."""
+    p = adapter.parts
+    n_sites, n_patch, d = values.shape
+    n_rows = n_sites * n_patch
+    dev = values.device
+    col = {name: j for j, name in enumerate(clean.readout_sites)}
+    acc = accumulation_dtype(values.dtype)
+    w = clean.readout_dir.to(acc)
+    keys = [-1 if s.kind == "embed" else s.layer for s in parsed]
+    order = sorted(range(n_sites), key=keys.__getitem__)
+    sorted_keys = [keys[i] for i in order]
+    order_t = torch.tensor(order, device=dev)
+    vals = values[order_t].reshape(n_rows, d)
+
+    def bound(k: int) -> int:
+        """Rows whose entry key is below k (sorted first)."""
+        return bisect.bisect_left(sorted_keys, k) * n_patch
+
+    assert clean._resid_pre is not None
+    prefix = Prefix(adapter, clean.tokens[: clean.position + 1].to(dev))
+    cache = copy.deepcopy(prefix.cache)
+    num = (clean.site_values.to(acc) @ w).expand(n_rows, -1).clone()
+    vals_w = vals.to(acc) @ w
+    z = torch.empty(n_rows, d, dtype=values.dtype, device=dev)
+    n_embed = bound(0)
+    z[:n_embed] = vals[:n_embed]
+    num[:n_embed, col["embed"]] = vals_w[:n_embed]
+    got: dict[str, Tensor] = {}
+
+    def mixer_post(module: nn.Module, args: tuple, output: Any) -> None:
+        got["mixer"] = first(output)[:, 0]
+
+    with HookSet() as hooks, torch.no_grad():
+        for layer in range(p.n_layers):
+            hooks.part(p.blocks[layer], p.mixer[layer], f"mixer.{layer}", mixer_post)
+        ran = []
+        for layer in range(p.n_layers):
+            run, enter = bound(layer), bound(layer + 1)  # rows running block l; entering at it
+            if run:
+                rows_cache = prefix.rows_cache(cache, layer, run)
+                z[:run] = prefix.call(p.blocks[layer], layer, z[:run, None], rows_cache)[:, 0]
+                num[:run, col[f"mixer.{layer}"]] = (got["mixer"] * p.gamma[layer]).to(acc) @ w
+                ran.append(f"mixer.{layer}")
+            if enter > run:
+                z[run:enter] = clean._resid_pre[layer] + vals[run:enter]
+                num[run:enter, col[f"mixer.{layer}"]] = vals_w[run:enter]
+        hooks.check(ran)
+        sigma = adapter.final_scale(z)
+        direct = num / sigma[:, None]
+        centred = _centred(adapter, z, clean.target)
+    inv = torch.argsort(order_t)
+    centred = centred.view(n_sites, n_patch)[inv]
+    return PatchedRun(
+        sites=[s.name for s in parsed],
+        readout_sites=list(clean.readout_sites),
+        direct_effects=direct.view(n_sites, n_patch, -1)[inv],
+        sigma=sigma.view(n_sites, n_patch)[inv],
+        centred_logit=centred,
+        total_effect=centred - clean.centred_logit,
+    )
+
+
+def check_recurrent(
+    adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0
+) -> tuple[str | None, float | None]:
+    """(None, error) if :func:`recurrent_patch` agrees with the hooked re-forward on ``tokens``
+    [T] within a tenth of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred logit|) for
+    every site, else (why not, error or None)."""
+    atol = (1e-9 if adapter.dtype == torch.float64 else 1e-4) / MARGIN
+    clean = adapter.clean_run(tokens, "layer")
+    sites = adapter.sites("layer")
+    parsed = [adapter.site(s) for s in sites]
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.stack([clean.value(s) for s in sites]).double()
+    noise = torch.randn(len(sites), n_patches, base.shape[-1], generator=gen).double()
+    scale = base.abs().amax(-1, keepdim=True)[:, None]
+    values = (base[:, None] + noise * scale).to(adapter.dtype).to(adapter.device)
+    want = reforward_patch(adapter, clean, parsed, values)
+    try:
+        got = recurrent_patch(adapter, clean, parsed, values)
+    except (CausalNetError, *MODULE_ERRORS) as err:
+        return f"the recurrent replay failed on the probe: {type(err).__name__}: {err}", None
+    diff = max(
+        float((got.centred_logit - want.centred_logit).abs().max()),
+        float((got.sigma - want.sigma).abs().max()),
+        float((got.direct_effects - want.direct_effects).abs().max()),
+    ) / max(1.0, abs(clean.centred_logit))
+    if diff > atol:
+        return (
+            f"the model's own single-step recurrence disagrees with its full forward on the "
+            f"probe by {diff:.2e} (tolerance {atol:g}, a tenth of the patching tolerance; e.g. "
+            "a step computed in float32)",
+            diff,
+        )
+    return None, diff
