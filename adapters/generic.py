@@ -41,10 +41,12 @@ from causalnet.sites import Site
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
+from .linears import fast_linears
 from .measure import probe_tokens
 from .readout import accumulation_dtype
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
 from .recurrent import check_recurrent, recurrent_patch
+from .replay import prefix_cache, remember_prefix
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 
@@ -145,12 +147,13 @@ class GenericAdapter(ResidualAdapter):
         patches: list[tuple[Site, Tensor, Tensor]] | None = None,
         heads: bool = False,
         last_only: bool = False,
+        keep_cache: bool = False,
     ) -> Trace:
         """The model's hooked forward on ``tokens`` [B, T] (:func:`causalnet.adapters.trace.
         record`): every site at the positions ``at`` [B] (None: all), with do(site = value)
         for every ``(site, rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``."""
         with self._lock:
-            return record(self, tokens, at, patches, heads, last_only)
+            return record(self, tokens, at, patches, heads, last_only, keep_cache)
 
     # ---- the sweep's interface --------------------------------------------------------------
     def clean_runs(
@@ -164,7 +167,10 @@ class GenericAdapter(ResidualAdapter):
         self._check_granularity(granularity)
         padded, toks, ts = self.pad_prompts(prompts, positions)
         at = torch.tensor(ts, device=self.device)
-        tr = self.record(padded, at=at, heads=self.parts.o_proj is not None)
+        # one prompt: the model's own cache of its earlier positions is kept for fast patching
+        single = len(toks) == 1
+        with fast_linears(self.parts.blocks):
+            tr = self.record(padded, at=at, heads=self.parts.o_proj is not None, keep_cache=single)
         values = site_values(tr, self.arch.n_layers, granularity)
         sigmas = self.final_scale(tr.final)
         acc = accumulation_dtype(self.dtype)
@@ -204,6 +210,8 @@ class GenericAdapter(ResidualAdapter):
                     _mixer=mixer,
                 )
             )
+        if single:
+            remember_prefix(out[0], prefix_cache(tr.cache, ts[0]))
         return out
 
     def final_values(

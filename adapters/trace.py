@@ -54,6 +54,7 @@ class Trace:
     unembedded: Tensor
     logits: Tensor
     mixer: list[Tensor] | None = None  # one-part blocks: mixer.l per layer (attn, mlp empty)
+    cache: Any = None  # the model's own cache of this forward (``record(keep_cache=True)``)
 
 
 def record(
@@ -63,10 +64,12 @@ def record(
     patches: list[tuple[Site, Tensor, Tensor]] | None = None,
     heads: bool = False,
     last_only: bool = False,
+    keep_cache: bool = False,
 ) -> Trace:
     """Run ``adapter``'s model on ``tokens`` [B, T] with do(site = value) for every ``(site,
     rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``, recording every site at
-    the positions ``at`` [B] (None: all positions)."""
+    the positions ``at`` [B] (None: all positions); with ``keep_cache`` the model runs with its
+    own cache and the trace keeps it (the fast patch engine's earlier keys and values)."""
     p = adapter.parts
     n_b, n_t = tokens.shape
     rows_all = torch.arange(n_b, device=tokens.device)
@@ -167,7 +170,8 @@ def record(
         final = p.final_norm.module
         hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
         hooks.post(p.readout.unembed, "unembed", unembed_post)
-        logits = call_model(adapter.model, tokens, last_only=last_only)
+        kept: list[Any] | None = [] if keep_cache else None
+        logits = call_model(adapter.model, tokens, last_only=last_only, keep=kept)
         hooks.check()
         head_vals = None
         if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
@@ -199,6 +203,7 @@ def record(
         unembedded=rec["unembedded"],
         logits=pick(logits),
         mixer=rec["mixer"] if p.one_part else None,
+        cache=kept[0] if kept else None,
     )
 
 
