@@ -30,9 +30,10 @@ from causalnet.errors import CausalNetError, UnsupportedModelError
 from causalnet.sites import Site
 
 from .base import CleanRun, PatchedRun, accumulation_dtype, vocab_mean
+from .frozencache import prefix_of
 from .heads import head_dots, head_term
 from .hooks import HookSet, first, with_first
-from .replay import block_calls, fast_linears, prefix_of
+from .replay import block_calls, fast_linears
 from .trace import reforward_patch
 
 #: Errors a model's own modules may raise on arguments they were not made for; caught only by

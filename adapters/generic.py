@@ -41,12 +41,12 @@ from causalnet.sites import Site
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
+from .frozencache import prefix_cache, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
 from .readout import accumulation_dtype
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
 from .recurrent import check_recurrent, recurrent_patch
-from .replay import prefix_cache, remember_prefix
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 

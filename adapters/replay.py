@@ -35,46 +35,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import (
-    Cache,
-    CacheLayerMixin,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-)
 
 from causalnet.errors import UnsupportedModelError
 
+from . import splitattn
+from .frozencache import FrozenCache, check_kv_only, is_cache
 from .hooks import HookSet, first, hidden_in, rel_err, tolerance, with_hidden_in
 from .linears import fast_linears
 
 _HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
 _CACHE = object()  # where the cache goes
-
-
-class FrozenCache(Cache):
-    """The clean run's cache, frozen: ``update(k, v, layer)`` returns the captured earlier keys
-    and values (batch 1, expanded to the rows) followed by the rows' own ``k``, ``v``, and
-    stores nothing. Every other attribute is the prefix cache's (as the model saw it)."""
-
-    def __init__(self, base: Any, prefix: dict[int, tuple[Tensor, Tensor]]) -> None:
-        self.__dict__["_base"] = base
-        self.__dict__["_prefix"] = prefix
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_base"], name)
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kw: Any
-    ) -> tuple[Tensor, Tensor]:
-        prefix = self.__dict__["_prefix"]
-        if layer_idx not in prefix:
-            raise UnsupportedModelError(f"attention layer {layer_idx} updated no cache at t")
-        k, v = prefix[layer_idx]
-        n = key_states.shape[0]
-        return (
-            torch.cat([k.expand(n, *k.shape[1:]), key_states], dim=-2),
-            torch.cat([v.expand(n, *v.shape[1:]), value_states], dim=-2),
-        )
 
 
 @dataclass
@@ -108,65 +78,6 @@ def _forward(model: nn.Module, **kwargs: Any) -> Any:
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     return model(**kwargs)
-
-
-def _is_cache(x: Any) -> bool:
-    return isinstance(x, Cache)
-
-
-def _check_kv_only(cache: Any) -> None:
-    """UnsupportedModelError if ``cache`` holds anything but attention keys/values: a
-    convolution or recurrent state (LFM, OLMo-hybrid, Mamba-like layers) is read and written
-    in place by each step, so rows replayed at t would share (and overwrite) the clean one."""
-    for i, layer in enumerate(getattr(cache, "layers", None) or ()):
-        stateful = any(hasattr(layer, a) for a in ("conv_states", "recurrent_states"))
-        if stateful or not isinstance(layer, CacheLayerMixin):
-            raise UnsupportedModelError(
-                f"the cache's layer {i} is a {type(layer).__name__} (a convolution / recurrent "
-                "state, not keys and values): the final-position replay cannot freeze it"
-            )
-
-
-def prefix_cache(cache: Any, t: int) -> Any:
-    """The model's cache of a clean forward over positions 0..t cut back to 0..t-1 (in place),
-    or None where it cannot be cut exactly: no cache, t = 0, or a layer that is not a plain
-    key/value layer holding all t + 1 positions (a sliding-window layer past its window, a
-    convolution or recurrent state). :func:`capture` then runs the model on the prefix itself."""
-    if t == 0 or not _is_cache(cache):
-        return None
-    layers = getattr(cache, "layers", None) or ()
-    for layer in layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            return None
-        keys = getattr(layer, "keys", None)
-        if not isinstance(keys, Tensor) or keys.shape[-2] != t + 1:
-            return None
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and t + 1 >= window:
-            return None
-    if not layers:
-        return None
-    cache.crop(-1)
-    return cache
-
-
-#: id(clean run) -> the model's cache of its earlier positions (:func:`remember_prefix`)
-_PREFIXES: dict[int, Any] = {}
-
-
-def remember_prefix(clean: Any, cache: Any) -> None:
-    """Keep ``cache`` (:func:`prefix_cache`, or None) as ``clean``'s earlier keys and values for
-    as long as the clean run object lives: :func:`block_calls` then skips the prefix forward."""
-    if cache is None:
-        return
-    ident = id(clean)
-    _PREFIXES[ident] = cache
-    weakref.finalize(clean, _PREFIXES.pop, ident, None)
-
-
-def prefix_of(clean: Any) -> Any:
-    """The cache :func:`remember_prefix` kept for ``clean`` (None if none)."""
-    return _PREFIXES.get(id(clean))
 
 
 def _mark(x: Any, live: Any) -> Any:
@@ -212,13 +123,13 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
 
     def block_pre(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            caches = [x for x in (*args, *kwargs.values()) if _is_cache(x)]
+            caches = [x for x in (*args, *kwargs.values()) if is_cache(x)]
             if len(caches) != 1:
                 raise UnsupportedModelError(
                     f"block {p.block_names[layer]} gets {len(caches)} transformers caches, not one"
                 )
             if layer == 0:
-                _check_kv_only(caches[0])
+                check_kv_only(caches[0])
                 live["cache"] = caches[0]
                 cap.cache = copy.deepcopy(caches[0])
                 caches[0].update = recording_update(caches[0])
@@ -249,7 +160,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
         elif prompt.shape[0] > 1:
             out = _forward(model, input_ids=toks[:, :-1], use_cache=True)
             cache = out.get(key) if hasattr(out, "get") else None
-            if not _is_cache(cache):
+            if not is_cache(cache):
                 raise UnsupportedModelError(
                     f"{type(model).__name__} returned no transformers Cache ({type(cache)})"
                 )
@@ -350,9 +261,11 @@ class BlockCalls:
 
     def __init__(self, adapter: Any, one: Capture, modes: list[tuple[Any, Any]]) -> None:
         self.one = one
+        self.adapter = adapter
         self.blocks = adapter.parts.blocks
         self.modes = modes
         self.cache = FrozenCache(one.cache, one.prefix)
+        self.split = _SPLIT.get(adapter) is not False and splitattn.splittable(self.blocks)
 
     def __call__(self, layer: int, resid: Tensor) -> Tensor:
         """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
@@ -361,10 +274,55 @@ class BlockCalls:
         a_mode, k_mode = self.modes[layer]
         args = _fill(_tile(self.one.args[layer], a_mode, n), hidden, self.cache)
         kwargs = _fill(_tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
-        out = first(self.blocks[layer](*args, **kwargs))
+        out = self._split_call(layer, args, kwargs) if self.split else None
+        if out is None:
+            out = first(self.blocks[layer](*args, **kwargs))
         if out is None or out.shape != hidden.shape:
             raise UnsupportedModelError(f"block {layer} returned no [n, 1, d] hidden states")
         return out[:, 0]
+
+    def _split_call(self, layer: int, args: tuple, kwargs: dict) -> Tensor | None:
+        """The block with the prefix left to :func:`causalnet.adapters.splitattn.
+        split_attention`; None (and no more splitting for this model) if its attention did
+        not take the prefix: it does not go through the attention interface, seen as a prefix
+        left unused or, on the model's first split call only, as the error its own attention
+        code raised on keys without the prefix."""
+        assert self.split
+        trial = _SPLIT.get(self.adapter) is None
+        self.cache.__dict__["split"] = True
+        splitattn.PENDING.layers = {}
+        failed = False
+        try:
+            with splitattn.split_mode(self.split):
+                out = first(self.blocks[layer](*args, **kwargs))
+        except (RuntimeError, ValueError, IndexError) as err:
+            if not trial:
+                raise
+            del err  # the model's own attention on keys without the prefix: no splitting
+            failed = True
+        finally:
+            left = splitattn.PENDING.layers
+            splitattn.PENDING.layers = None
+            self.cache.__dict__["split"] = False
+        if failed or left:
+            _SPLIT[self.adapter] = False
+            self.split = None
+            return None
+        if trial and layer == len(self.blocks) - 1:
+            _SPLIT[self.adapter] = True  # every block took its prefix
+        return out
+
+
+#: adapter -> False once a block's attention left the prefix unused (no splitting for it)
+_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attention_split(adapter: Any) -> bool | None:
+    """Whether the replay of ``adapter``'s blocks leaves the clean prefix to
+    :func:`causalnet.adapters.splitattn.split_attention` (True), concatenates keys as the model
+    would (False: its attention does not go through the attention interface), or has not tried
+    yet (None)."""
+    return _SPLIT.get(adapter)
 
 
 #: adapter -> {structure of the batch-1 capture: tiling modes}, so that batch 2 is captured
