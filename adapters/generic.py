@@ -170,7 +170,13 @@ class GenericAdapter(ResidualAdapter):
         # one prompt: the model's own cache of its earlier positions is kept for fast patching
         single = len(toks) == 1
         with fast_linears(self.parts.blocks):
-            tr = self.record(padded, at=at, heads=self.parts.o_proj is not None, keep_cache=single)
+            tr = self.record(
+                padded,
+                at=at,
+                heads=self.parts.o_proj is not None,
+                last_only=single,
+                keep_cache=single,
+            )
         values = site_values(tr, self.arch.n_layers, granularity)
         sigmas = self.final_scale(tr.final)
         acc = accumulation_dtype(self.dtype)
