@@ -53,7 +53,7 @@ import pandas as pd
 
 from ..errors import ResultsError
 
-KIND_ORDER = ("embed", "attn", "head", "mlp")
+KIND_ORDER = ("embed", "attn", "head", "mlp", "mixer")
 
 #: The ``kind`` of an effects row whose site is a set of sites ablated together.
 SET_KIND = "set"

@@ -142,7 +142,7 @@ def _best_attention_ablations(effects: pd.DataFrame) -> dict[Any, str]:
     """Per prompt, its ablated attention site with the largest clean direct effect; prompts
     ordered by that effect, largest first."""
     kinds = layer_kinds(effects)
-    if not kinds or kinds[0] == "mlp":
+    if not kinds or kinds[0] not in ("attn", "head"):  # no attention (MLPs only, or mixers)
         return {}
     rows = effects[effects["kind"] == kinds[0]]
     top = rows.loc[rows.groupby("prompt_id", sort=False)["direct_effect"].idxmax()]

@@ -8,7 +8,10 @@ prompt) joined with the ``effects`` table's clean direct effect: per patch,
 - (a) repair against removed, one point per (prompt, patch), with the lines repair = removed
   (full repair) and repair = 0;
 - (b) the parts ``repair_attn``, ``repair_mlp``, ``repair_norm`` and the whole ``repair`` per
-  patch, one strip of points each (jittered sideways), with each strip's median marked.
+  patch, one strip of points each (jittered sideways), with each strip's median marked; in a
+  model of one-part blocks (Mamba: the attention / MLP parts are NaN, not applicable) the
+  strips are the downstream mixers' value part ``repair - repair_norm - repair_sibling``,
+  ``repair_norm`` and ``repair``.
 
 :func:`figure_repair_patches` returns the Figure, :func:`plot_repair_patches` saves it,
 :func:`make_repair_figures` makes it for a results folder (nothing for a folder without
@@ -81,13 +84,18 @@ def figure_repair_patches(rows: pd.DataFrame, site: str, seed: int = 0) -> Figur
     ax_a.legend(fontsize=8)
     jitter = np.random.default_rng(seed).uniform(-0.25, 0.25, len(rows))
     colours = ("tab:orange", "tab:green", "tab:purple", "tab:blue")
-    for i, ((column, label), colour) in enumerate(zip(STRIPS, colours, strict=True)):
+    strips = STRIPS
+    if rows["repair_attn"].isna().all():  # mixers: no attention / MLP part
+        mixer = rows["repair"] - rows["repair_norm"] - rows["repair_sibling"]
+        rows = rows.assign(repair_mixer=mixer)
+        strips, colours = (("repair_mixer", "mixers"), *STRIPS[2:]), colours[1:]
+    for i, ((column, label), colour) in enumerate(zip(strips, colours, strict=True)):
         values = rows[column].to_numpy()
         ax_b.scatter(i + jitter, values, s=6, alpha=0.4, color=colour, label=label)
         median = float(np.median(values))
         ax_b.plot([i - 0.35, i + 0.35], [median, median], color="k", lw=2, label=f"median {label}")
     ax_b.axhline(0.0, color="grey", lw=0.8)
-    ax_b.set_xticks(range(len(STRIPS)), [label for _, label in STRIPS])
+    ax_b.set_xticks(range(len(strips)), [label for _, label in strips])
     ax_b.set_xlabel("part of the repair")
     ax_b.set_ylabel("per patch (centred logit)")
     ax_b.set_title(f"(b) {site}: the repair's parts per patch")

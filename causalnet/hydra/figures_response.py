@@ -91,14 +91,15 @@ def plot_compensation(effects: pd.DataFrame, path: str | os.PathLike[str]) -> Pa
 def figure_compensation(effects: pd.DataFrame) -> Figure:
     """:func:`plot_compensation`'s figure, not saved."""
     kinds = layer_kinds(effects)
-    attn = kinds[0] if kinds and kinds[0] != "mlp" else None
+    attn = kinds[0] if kinds and kinds[0] != "mlp" else None  # or the mixers of a Mamba
     reg = compensation_regression(effects)
     fig = Figure(figsize=(12, 9), layout="constrained")
     (ax_a, ax_b), (ax_c, ax_d) = fig.subplots(2, 2)
     n_layers = int(effects["layer"].max()) + 1
     for ax, kind, letter in ((ax_a, attn, "a"), (ax_c, "mlp" if "mlp" in kinds else None, "c")):
         if kind is None:
-            empty_panel(ax, f"({letter}) no such sites ablated")
+            why = "no MLP sites: one-part blocks, mixers only" if attn == "mixer" else ""
+            empty_panel(ax, f"({letter}) {why or 'no such sites ablated'}")
             continue
         sel = effects[effects["kind"] == kind]
         points = ax.scatter(
@@ -183,8 +184,16 @@ def plot_response_split(
 def figure_response_split(effects: pd.DataFrame, layers: Sequence[int] | None = None) -> Figure:
     """:func:`plot_response_split`'s figure, not saved."""
     kinds = layer_kinds(effects)
+    if kinds == ["mixer"]:  # one-part blocks: the compensation has no attention / MLP part
+        fig = Figure(figsize=(6, 2.5), layout="constrained")
+        empty_panel(
+            fig.subplots(),
+            "not applicable: the model's blocks add one part each (mixers, e.g. Mamba),\n"
+            "so the compensation has no attention part and no MLP part to split",
+        )
+        return fig
     if not kinds:
-        raise ResultsError("no attention or MLP sites in the effects table")
+        raise ResultsError("no attention, MLP or mixer sites in the effects table")
     kind = kinds[0]  # attention when present, else MLP
     chosen = list(layers) if layers is not None else select_layers(effects, kind)
     n_panels = len(chosen) + 1

@@ -24,15 +24,22 @@ CLEAN = "tab:blue"
 ABLATED = "tab:red"
 ATTN_COLOUR = "tab:blue"
 MLP_COLOUR = "tab:orange"
+MIXER_COLOUR = "tab:green"
 DPI = 110
-KIND_LABEL = {"attn": "attention layers", "head": "attention heads", "mlp": "MLP layers"}
+KIND_LABEL = {
+    "attn": "attention layers",
+    "head": "attention heads",
+    "mlp": "MLP layers",
+    "mixer": "mixer layers",
+}
 
 
 def layer_kinds(effects: pd.DataFrame) -> list[str]:
-    """The per-layer kinds present: attention ("attn", else "head") first, then "mlp"."""
+    """The per-layer kinds present: attention ("attn", else "head") first, then "mlp"; in a
+    model of one-part blocks (Mamba) "mixer" alone."""
     present = set(effects["kind"])
     attn = "attn" if "attn" in present else ("head" if "head" in present else None)
-    return [k for k in (attn, "mlp") if k is not None and k in present]
+    return [k for k in (attn, "mlp", "mixer") if k is not None and k in present]
 
 
 def scatter_fit(
@@ -50,8 +57,9 @@ def scatter_fit(
 
 
 def kind_colour(kind: str) -> str:
-    """The colour of a kind's points and lines: MLP orange, attention (layers or heads) blue."""
-    return MLP_COLOUR if kind == "mlp" else ATTN_COLOUR
+    """The colour of a kind's points and lines: MLP orange, attention (layers or heads) blue,
+    mixers green."""
+    return {"mlp": MLP_COLOUR, "mixer": MIXER_COLOUR}.get(kind, ATTN_COLOUR)
 
 
 def identity_line(ax: Axes, x: pd.Series, y: pd.Series, label: str) -> None:

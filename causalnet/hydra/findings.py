@@ -44,6 +44,13 @@ The findings (McGrath et al. 2023; the paper's number in brackets) and their rul
    sum |mean TE| / sum |mean DE| over early attention and MLP layers. holds: t >= 2; partly:
    t >= 1; fails otherwise.
 
+**A model without attention.** In a model of one-part blocks (sites ``mixer.l``: Mamba;
+docs/conventions.md, "Sites") the findings about attention versus MLP -- 3 ``hydra``, 4
+``erasure``, 5 ``erasure_attenuated`` and 8 ``shift_to_mlp`` -- are ``not applicable`` (there
+is no attention or MLP site to compare, never a "fails" that reads as a measured absence); 1, 2
+and 9 are judged over the mixer layers where they use the attention and MLP layers, and 6 and 7
+over the mixer layers where they use the attention layers, by the same rules.
+
 Example::
 
     >>> table = findings_table(effects, readouts)          # doctest: +SKIP
@@ -68,6 +75,8 @@ from .analysis import (
 )
 
 HOLDS, PARTLY, FAILS = "holds", "partly", "fails"
+NOT_APPLICABLE = "not applicable"
+_NO_ATTENTION = "the model has no attention and no MLP sites (mixer.L only)"
 
 #: The paper's statement of each finding, keyed as in the module docstring.
 CLAIMS: dict[str, str] = {
@@ -108,8 +117,19 @@ def _median(values: pd.Series) -> float:
     return float(values.median()) if len(values) else float("nan")
 
 
+def _is_mixers(effects: pd.DataFrame) -> bool:
+    """Whether the rows are of a model of one-part blocks (mixer sites, no attention/MLP)."""
+    kinds = set(effects["kind"])
+    return "mixer" in kinds and not kinds & {"attn", "head", "mlp"}
+
+
+def _main_kind(effects: pd.DataFrame) -> tuple[str, str]:
+    """(kind, words) of the layers findings 6 and 7 judge: attention, or the mixers."""
+    return ("mixer", "mixer") if _is_mixers(effects) else ("attn", "attention")
+
+
 def _banded(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    table = table[table["kind"].isin(("attn", "mlp"))].copy()
+    table = table[table["kind"].isin(("attn", "mlp", "mixer"))].copy()
     table["band"] = [depth_band(int(layer), n_layers) for layer in table["layer"]]
     return table
 
@@ -138,6 +158,8 @@ def _unembed_gt_ablate(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: 
 
 
 def _hydra(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -> Finding:
+    if _is_mixers(effects):
+        return Finding("hydra", NOT_APPLICABLE, _NO_ATTENTION, {})
     table = response_split(effects)
     table = table[(table["kind"] == "attn") & (table["layer"] < n_layers - 1)]
     slopes = table["slope_attn"].dropna()
@@ -156,6 +178,8 @@ def _late_mlp_means(effects: pd.DataFrame, n_layers: int) -> pd.DataFrame:
 
 
 def _erasure(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -> Finding:
+    if _is_mixers(effects):
+        return Finding("erasure", NOT_APPLICABLE, _NO_ATTENTION, {})
     late = _late_mlp_means(effects, n_layers)
     if late.empty:
         return Finding("erasure", FAILS, "no late MLP layer in the table", {})
@@ -169,6 +193,8 @@ def _erasure(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -> Fi
 def _erasure_attenuated(
     effects: pd.DataFrame, readouts: pd.DataFrame | None, n_layers: int
 ) -> Finding:
+    if _is_mixers(effects):
+        return Finding("erasure_attenuated", NOT_APPLICABLE, _NO_ATTENTION, {})
     late = _late_mlp_means(effects, n_layers)
     if readouts is None or late.empty:
         return Finding("erasure_attenuated", FAILS, "needs the readouts table", {})
@@ -198,31 +224,35 @@ def _erasure_attenuated(
 
 
 def _ce_predicted(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -> Finding:
+    kind, words = _main_kind(effects)
     table = _banded(compensation_regression(effects), n_layers)
-    table = table[(table["kind"] == "attn") & (table["band"] != "early")].dropna(subset=["r2"])
+    table = table[(table["kind"] == kind) & (table["band"] != "early")].dropna(subset=["r2"])
     if table.empty:
-        return Finding("ce_predicted", FAILS, "no middle or late attention layer", {})
+        return Finding("ce_predicted", FAILS, f"no middle or late {words} layer", {})
     best = table.loc[table["r2"].idxmax()]
     r, b = float(best["r2"]), float((table["slope"] < 1).mean())
     verdict = HOLDS if r >= 0.7 and b >= 0.8 else (PARTLY if r >= 0.7 or b >= 0.8 else FAILS)
     measure = (
-        f"largest r^2 of CE on DE {r:.2f} (attn.{int(best['layer'])}); slope < 1 at {b:.0%} "
-        "of middle and late attention layers"
+        f"largest r^2 of CE on DE {r:.2f} ({kind}.{int(best['layer'])}); slope < 1 at {b:.0%} "
+        f"of middle and late {words} layers"
     )
     return Finding("ce_predicted", verdict, measure, {"peak_r2": r, "share_slope_below_1": b})
 
 
 def _restored_70(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -> Finding:
+    kind, words = _main_kind(effects)
     bands = [depth_band(int(layer), n_layers) for layer in effects["layer"]]
-    middle = effects[(effects["kind"] == "attn") & (np.asarray(bands) == "middle")]
+    middle = effects[(effects["kind"] == kind) & (np.asarray(bands) == "middle")]
     overall = fraction_restored(middle).overall if not middle.empty else pd.DataFrame()
     f = float(overall["fraction_restored"].iloc[0]) if len(overall) else float("nan")
     verdict = HOLDS if 0.5 <= f <= 1.0 else (PARTLY if 0.25 <= f < 0.5 or 1.0 < f <= 1.3 else FAILS)
-    measure = f"fraction restored, middle attention layers pooled: {f:.2f}"
+    measure = f"fraction restored, middle {words} layers pooled: {f:.2f}"
     return Finding("restored_70", verdict, measure, {"fraction": f})
 
 
 def _shift_to_mlp(effects: pd.DataFrame, _: pd.DataFrame | None, n_layers: int) -> Finding:
+    if _is_mixers(effects):
+        return Finding("shift_to_mlp", NOT_APPLICABLE, _NO_ATTENTION, {})
     table = response_split(effects)
     table = table[table["kind"] == "attn"]
     first = _median(table.loc[table["layer"] < n_layers / 2, "attn_share"])
@@ -259,10 +289,13 @@ _RULES: dict[str, Callable[[pd.DataFrame, pd.DataFrame | None, int], Finding]] =
 
 
 def n_layers_of(effects: pd.DataFrame) -> int:
-    """The model's layer count as the table shows it (largest attention or MLP layer + 1)."""
-    layers = effects.loc[effects["kind"].isin(("attn", "mlp", "head")), "layer"]
+    """The model's layer count as the table shows it (largest attention, MLP or mixer layer
+    + 1)."""
+    layers = effects.loc[effects["kind"].isin(("attn", "mlp", "head", "mixer")), "layer"]
     if layers.empty:
-        raise ResultsError("the effects table has no attention or MLP rows to judge findings on")
+        raise ResultsError(
+            "the effects table has no attention, MLP or mixer rows to judge findings on"
+        )
     return int(layers.max()) + 1
 
 
@@ -274,7 +307,9 @@ def measure_findings(
     singles = single_site_rows(effects)
     singles = singles[singles["kind"] != "head"]
     if singles.empty:
-        raise ResultsError("the effects table has no layer rows (attn, mlp) to judge findings on")
+        raise ResultsError(
+            "the effects table has no layer rows (attn, mlp or mixer) to judge findings on"
+        )
     n = n_layers if n_layers is not None else n_layers_of(singles)
     return [rule(singles, readouts, n) for rule in _RULES.values()]
 

@@ -23,6 +23,7 @@ writes. This module imports no executor and writes nothing.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -232,6 +233,7 @@ def prompt_tables(
     de_clean = clean.direct_effects.double().cpu()
     de_abl = patched.direct_effects.double().cpu()
     parsed = [parse_unit(s) for s in sites]
+    mixers = bool(getattr(adapter.arch, "mixer_blocks", False))
     own_clean = [sum(float(de_clean[r_index[m]]) for m in members(s)) for s in sites]
     effects = pd.DataFrame(
         {
@@ -248,12 +250,16 @@ def prompt_tables(
             "total_effect_std": dec.total.std(1, unbiased=False).numpy(),
             "direct_effect_ablated_self": dec.delta_self.mean(1).numpy() + own_clean,
             "compensatory_effect": dec.compensatory.mean(1).numpy(),
-            "compensatory_attn": dec.compensatory_attn.mean(1).numpy(),
-            "compensatory_mlp": dec.compensatory_mlp.mean(1).numpy(),
+            # a model of one-part blocks has no attention / MLP part: NaN, not applicable
+            "compensatory_attn": _part(dec.compensatory_attn, mixers).mean(1).numpy(),
+            "compensatory_mlp": _part(dec.compensatory_mlp, mixers).mean(1).numpy(),
             "delta_de_upstream": dec.delta_upstream.mean(1).numpy(),
             "clean_centred_logit": float(clean.centred_logit),
             "sources": ",".join(str(s) for s in source_ids),
-            **{name: part.mean(1).numpy() for name, part in _repair_columns(split, te_sigma)},
+            **{
+                name: part.mean(1).numpy()
+                for name, part in _repair_columns(split, te_sigma, mixers)
+            },
         }
     )
     n_s, n_p, n_r = de_abl.shape
@@ -270,7 +276,10 @@ def prompt_tables(
             )
             .reshape(-1)
             .numpy(),
-            **{name: part.reshape(-1).numpy() for name, part in _repair_columns(split, te_sigma)},
+            **{
+                name: part.reshape(-1).numpy()
+                for name, part in _repair_columns(split, te_sigma, mixers)
+            },
             "sigma_ratio": split.sigma_ratio.reshape(-1).numpy(),
         }
     )
@@ -301,11 +310,19 @@ def prompt_tables(
     return effects, readouts, patches, patch_effects
 
 
-def _repair_columns(split: RepairSplit, te_sigma: Tensor) -> list[tuple[str, Tensor]]:
+def _part(part: Tensor, mixers: bool) -> Tensor:
+    """An attention or MLP part of the compensation, or NaN (not applicable) in a model of
+    one-part blocks (docs/conventions.md, "A model without attention")."""
+    return torch.full_like(part, float("nan")) if mixers else part
+
+
+def _repair_columns(
+    split: RepairSplit, te_sigma: Tensor, mixers: bool = False
+) -> list[tuple[str, Tensor]]:
     """The repair columns of the effects and patch-effects tables, [S, P] each."""
     return [
-        ("repair_attn", split.repair_attn),
-        ("repair_mlp", split.repair_mlp),
+        ("repair_attn", _part(split.repair_attn, mixers)),
+        ("repair_mlp", _part(split.repair_mlp, mixers)),
         ("repair_norm", split.repair_norm),
         ("repair_sibling", split.repair_sibling),
         ("total_effect_sigma_clean", te_sigma),
@@ -321,10 +338,13 @@ def attribute_first_token(adapter: TransformerAdapter, attribute: str | None) ->
 
 
 def adapter_max_length(adapter: TransformerAdapter) -> int:
-    """The longest prompt the model takes (its context length)."""
+    """The longest prompt the model takes (its context length; a model of recurrent one-part
+    blocks, Mamba, has none: it reads any length through its state)."""
     cfg = adapter.model.config
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
             return value
+    if getattr(adapter.arch, "mixer_blocks", False):
+        return sys.maxsize
     raise ResultsError(f"cannot tell the context length of model type {cfg.model_type!r}")

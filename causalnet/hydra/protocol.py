@@ -14,7 +14,11 @@ effect) and MLP (less erasure). Because every run decomposes exactly into its di
 
     total = Delta_DE(s) + CE_attn + CE_mlp + Delta_DE(embedding and upstream sites)   (exact)
 
-where the last term is nonzero only through the change of the final scale sigma.
+In a model of one-part blocks (sites ``mixer.l``, Mamba; ``docs/conventions.md``, "Sites") the
+downstream sites are mixers: CE = CE_mixer, with no attention part and no MLP part (the sweep's
+tables hold NaN there: not applicable, never a zero that reads as "no Hydra effect"), and
+total = Delta_DE(s) + CE_mixer + Delta_DE(upstream) exactly. In both, the last term is
+nonzero only through the change of the final scale sigma.
 
 :func:`split_repair` takes the repair apart (``docs/conventions.md``, "The repair, split"):
 each Delta_DE of readout site r in a run at sigma' splits exactly into a value part
@@ -23,10 +27,11 @@ each Delta_DE of readout site r in a run at sigma' splits exactly into a value p
 
     total = Delta_DE(s) + repair_attn + repair_mlp + repair_norm + repair_sibling
 
-with the value parts of the downstream attention / MLP sites, the scale parts of every site
-but s, and the value parts of the remaining (non-downstream) sites, which vanish unless a norm
-after the attention renormalises s's sibling heads. :func:`total_at_clean_sigma` is the total
-effect with sigma held at its clean value, do(sigma = clean).
+with the value parts of the downstream attention / MLP sites (mixers: ``repair_mixer``), the
+scale parts of every site but s, and the value parts of the remaining (non-downstream)
+sites, which vanish unless a norm after the attention renormalises s's sibling heads.
+:func:`total_at_clean_sigma` is the total effect with sigma held at its clean value,
+do(sigma = clean).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InterventionError, ShapeError
-from ..sites import downstream_masks, members
+from ..sites import downstream_masks, downstream_mixer_mask, members
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,12 @@ class Decomposition:
     compensatory_mlp: Tensor
     delta_upstream: Tensor
     delta_de: Tensor  # [n_sites, n_patches, n_readouts]
+    compensatory_mixer: Tensor  # downstream mixers (one-part blocks); zeros elsewhere
 
     @property
     def compensatory(self) -> Tensor:
-        """CE (Eq 33): attention part + MLP part."""
-        return self.compensatory_attn + self.compensatory_mlp
+        """CE (Eq 33): attention part + MLP part (+ mixer part, in a model of mixers)."""
+        return self.compensatory_attn + self.compensatory_mlp + self.compensatory_mixer
 
     def identity_residual(self) -> Tensor:
         """total - (Delta_DE(self) + CE + Delta_DE(upstream)); zero up to rounding."""
@@ -90,7 +96,7 @@ def decompose(
             f"total has shape {tuple(total.shape)}, expected {tuple(de_ablated.shape[:2])}"
         )
     masks = _masks(tuple(ablated_sites), tuple(readout_sites), parallel_residual)
-    down_attn, down_mlp, is_self, upstream = (m.to(de_ablated.dtype) for m in masks)
+    down_attn, down_mlp, down_mixer, is_self, upstream = (m.to(de_ablated.dtype) for m in masks)
     delta = de_ablated - de_clean
 
     def masked_sum(mask: Tensor) -> Tensor:
@@ -103,18 +109,20 @@ def decompose(
         compensatory_mlp=masked_sum(down_mlp),
         delta_upstream=masked_sum(upstream),
         delta_de=delta,
+        compensatory_mixer=masked_sum(down_mixer),
     )
 
 
 @lru_cache(maxsize=16)
 def _masks(
     ablated: tuple[str, ...], readouts: tuple[str, ...], parallel_residual: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Downstream attention, downstream MLP, self and upstream masks, computed once per sweep."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Downstream attention, MLP and mixer, self and upstream masks, computed once per sweep."""
     down_attn, down_mlp, is_self = downstream_masks(
         list(ablated), list(readouts), parallel_residual
     )
-    return down_attn, down_mlp, is_self, ~(down_attn | down_mlp | is_self)
+    down_mixer = downstream_mixer_mask(list(ablated), list(readouts), parallel_residual)
+    return down_attn, down_mlp, down_mixer, is_self, ~(down_attn | down_mlp | down_mixer | is_self)
 
 
 @dataclass(frozen=True)
@@ -138,11 +146,14 @@ class RepairSplit:
     sigma_ratio: Tensor  # sigma' / sigma
     value: Tensor  # [S, P, R]
     scale: Tensor  # [S, P, R]
+    repair_mixer: Tensor  # value parts of the downstream mixers (one-part blocks); else zeros
 
     @property
     def repair(self) -> Tensor:
-        """repair_attn + repair_mlp + repair_norm + repair_sibling (= total - Delta_DE(self))."""
-        return self.repair_attn + self.repair_mlp + self.repair_norm + self.repair_sibling
+        """repair_attn + repair_mlp + repair_mixer + repair_norm + repair_sibling
+        (= total - Delta_DE(self))."""
+        parts = self.repair_attn + self.repair_mlp + self.repair_mixer
+        return parts + self.repair_norm + self.repair_sibling
 
     def identity_residual(self) -> Tensor:
         """total - (Delta_DE(self) + repair); zero up to rounding when total is the model's."""
@@ -191,7 +202,7 @@ def split_repair(
         raise ShapeError("split_repair: every final scale sigma must be positive")
     dec = decompose(ablated_sites, readout_sites, de_clean, de_ablated, total, parallel_residual)
     masks = _masks(tuple(ablated_sites), tuple(readout_sites), parallel_residual)
-    down_attn, down_mlp, is_self, upstream = (m.to(de_ablated.dtype) for m in masks)
+    down_attn, down_mlp, down_mixer, is_self, upstream = (m.to(de_ablated.dtype) for m in masks)
     ratio = sigma_clean / sigma_ablated  # sigma / sigma'
     value = de_ablated - de_clean * ratio[..., None]
     scale = de_clean * (ratio - 1.0)[..., None]
@@ -209,6 +220,7 @@ def split_repair(
         sigma_ratio=1.0 / ratio,
         value=value,
         scale=scale,
+        repair_mixer=masked(value, down_mixer),
     )
 
 

@@ -169,7 +169,9 @@ def repair_table(
                 **{n: group[c].to_numpy() * removed for n, c in zip(names, columns, strict=True)},
             }
         )
-        per_prompt = frame.groupby("prompt_id", sort=True).sum()
+        # min_count: a part that is NaN on every row (attention / MLP in a model of mixers:
+        # not applicable) stays NaN, shown "n/a", instead of summing to 0
+        per_prompt = frame.groupby("prompt_id", sort=True).sum(min_count=1)
         fractions = bootstrap_ratios(
             per_prompt[names].to_numpy(), per_prompt["xx"].to_numpy(), n_boot, seed
         )

@@ -24,6 +24,12 @@ the argmax of the clean logits at the last position, Eqs 9, 10):
   0 to rounding but under a norm after the attention), ``total_effect_sigma_clean`` (the total
   effect at the clean final scale, do(sigma = clean)). All floats float64. Folders written
   before the repair split lack these five columns (all or none; one folder never mixes the two).
+  In a model of one-part blocks (sites ``embed`` and ``mixer.l``: Mamba) the compensation has no
+  attention and no MLP part: ``compensatory_attn``, ``compensatory_mlp``, ``repair_attn`` and
+  ``repair_mlp`` (:data:`NOT_APPLICABLE`) hold NaN, ``compensatory_effect`` is the downstream
+  mixers' part and the mixers' value part of the repair is ``total_effect + removed -
+  repair_norm - repair_sibling``. Only a prompt with no attention, head or MLP row may hold
+  NaN, and only there; every other float is finite.
 - ``readouts`` (per prompt, ablated site and readout site l): ``prompt_id``, ``ablated_site``,
   ``readout_site``, ``direct_effect_clean`` (Eq 10), ``direct_effect_ablated`` (Eq 13, mean
   over patches), ``delta_de`` (Eq 34, mean over patches).
@@ -94,6 +100,8 @@ REPAIR_COLUMNS = (
     "total_effect_sigma_clean",
 )
 _EFFECTS_SPEC += [(name, _FLOAT) for name in REPAIR_COLUMNS]
+#: The attention / MLP parts of the compensation: NaN (not applicable) in a model of mixers.
+NOT_APPLICABLE = ("compensatory_attn", "compensatory_mlp", "repair_attn", "repair_mlp")
 _READOUTS_SPEC = [
     ("ablated_site", _STR),
     ("readout_site", _STR),
@@ -266,12 +274,15 @@ def to_arrow(table: Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Table
     frame = frame.sort_values(sort_cols, kind="stable").drop(
         columns=[c for c in sort_cols if c.startswith("_")]
     )
+    no_parts = _without_attention(frame, table)
     for name, dtype in spec:
         if dtype == _FLOAT:
             try:
                 values = np.asarray(frame[name], dtype=np.float64)
             except (TypeError, ValueError) as err:
                 raise ResultsError(f"{where}: column {name} is not numeric: {err}") from err
+            if no_parts and name in NOT_APPLICABLE:
+                values = np.where(np.isnan(values), 0.0, values)  # not applicable: NaN allowed
             if not np.isfinite(values).all():
                 bad = frame.iloc[int(np.flatnonzero(~np.isfinite(values))[0])]
                 raise ResultsError(
@@ -279,12 +290,37 @@ def to_arrow(table: Table, frame: pd.DataFrame, prompt_id: PromptId) -> pa.Table
                     + ", ".join(f"{c}={bad[c]!r}" for c in table.key)
                 )
     schema = table.schema(type(prompt_id), legacy)
+    nan_parts = [c for c in NOT_APPLICABLE if no_parts and c in frame.columns]
+    kept = {c: np.asarray(frame[c], dtype=np.float64) for c in nan_parts}
     try:
-        arrow = pa.Table.from_pandas(frame, schema=schema, preserve_index=False, safe=True)
+        arrow = pa.Table.from_pandas(
+            frame.fillna({c: 0.0 for c in nan_parts}),
+            schema=schema,
+            preserve_index=False,
+            safe=True,
+        )
     except (pa.ArrowException, TypeError, ValueError) as err:
         raise ResultsError(f"{where}: values do not fit the column types: {err}") from err
+    for c, values in kept.items():  # NaN as a float, not as a null (pandas' reading)
+        i = arrow.schema.get_field_index(c)
+        arrow = arrow.set_column(i, arrow.schema.field(i), pa.array(values, from_pandas=False))
     arrow = arrow.replace_schema_metadata(None)
     return arrow
+
+
+def _without_attention(frame: pd.DataFrame, table: Table) -> bool:
+    """Whether a prompt's rows are of a model of one-part blocks: no ablated site (or set
+    member) is an attention layer, a head or an MLP, and one is a mixer."""
+    if not table.sites:
+        return False
+    kinds = {
+        m.kind for name in pd.unique(frame[table.sites[0]]) for m in _members(parse_unit(name))
+    }
+    return "mixer" in kinds and not kinds & {"attn", "head", "mlp"}
+
+
+def _members(unit: Any) -> tuple[Any, ...]:
+    return unit.members if hasattr(unit, "members") else (unit,)
 
 
 def _is_missing(value: Any) -> bool:
