@@ -142,6 +142,17 @@ def test_float64_with_residual_in_fp32_is_refused_naming_the_block_and_the_flag(
         adapt(tiny_mamba(torch.float64, residual_in_fp32=True))
 
 
+def test_a_block_that_is_not_input_plus_one_part_is_refused_naming_it():
+    model = tiny_mamba(torch.float32)
+    # block 2 scales its output: y = 1.1 (x + mixer), so y - x is no part's output times gamma
+    model.backbone.layers[2].register_forward_hook(lambda module, args, out: out * 1.1)
+    with pytest.raises(UnsupportedModelError) as info:
+        adapt(model)
+    msg = str(info.value)
+    assert "block backbone.layers.2" in msg and "gamma * one of its submodules" in msg
+    assert "alpha * attn + beta * mlp" in msg  # the pair it looked for first
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("position", [-1, 0, 4])
 def test_reforward_patch_agrees_with_the_naive_oracle(dtype, position):
