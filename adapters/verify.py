@@ -3,7 +3,8 @@
 :func:`verify` runs the adapter's own hooked forward (the one clean runs and patches use) on a
 probe and checks, at EVERY position:
 
-- Eq 21 block by block: block l's input + attn.l + mlp.l = block l + 1's input (the final
+- Eq 21 block by block: block l's input + attn.l + mlp.l (+ mixer.l alone in a model of
+  one-part blocks, :mod:`causalnet.adapters.onepart`) = block l + 1's input (the final
   norm's input after the last block), and embed + sum of all sites = the final residual, within
   the dtype's tolerance of the stream's scale (1e-5 float32, 1e-10 float64);
 - the logits: cap(s * (W_U norm(z) + beta)) from the identified final norm and readout equals
