@@ -30,7 +30,7 @@ from causalnet.errors import CausalNetError, UnsupportedModelError
 from causalnet.sites import Site
 
 from .base import CleanRun, PatchedRun, accumulation_dtype, vocab_mean
-from .frozencache import capture_of
+from .frozencache import prefix_of
 from .heads import head_dots, head_term
 from .hooks import HookSet, first, with_first
 from .replay import block_calls, fast_linears
@@ -132,7 +132,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     def bound(k: int) -> int:
         return bisect.bisect_left(sorted_keys, k) * n_patch
 
-    calls = block_calls(adapter, clean.tokens[: clean.position + 1].to(dev), capture_of(clean))
+    calls = block_calls(adapter, clean.tokens[: clean.position + 1].to(dev), prefix_of(clean))
     cap = calls.one
     num = dot(clean.site_values).expand(n_rows, -1).clone()
     vals_w = dot(vals)

@@ -1,9 +1,9 @@
 """The clean run's cache as the final-position replay uses it: frozen, and kept per clean run.
 
 :class:`FrozenCache` hands each replayed block the clean keys and values of the positions
-before t (:mod:`causalnet.adapters.replay`); :func:`remember_capture` keeps the capture made
-with a clean run (:func:`causalnet.adapters.replay.clean_capture`) for as long as the clean run
-lives, so its patches need no forward of their own.
+before t (:mod:`causalnet.adapters.replay`); :func:`prefix_cache` cuts the cache of a clean
+forward over 0..t back to 0..t-1, and :func:`remember_prefix` keeps it with its clean run, so
+the replay needs no forward of the prefix of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from torch import Tensor
 from transformers.cache_utils import (
     Cache,
     CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
 )
 
 from causalnet.errors import UnsupportedModelError
@@ -71,19 +73,43 @@ def check_kv_only(cache: Any) -> None:
             )
 
 
-#: id(clean run) -> its capture (:func:`remember_capture`)
-_CAPTURES: dict[int, Any] = {}
+def prefix_cache(cache: Any, t: int) -> Any:
+    """The model's cache of a clean forward over positions 0..t cut back to 0..t-1 (in place),
+    or None where it cannot be cut exactly: no cache, t = 0, or a layer that is not a plain
+    key/value layer holding all t + 1 positions (a sliding-window layer past its window, a
+    convolution or recurrent state). :func:`capture` then runs the model on the prefix itself."""
+    if t == 0 or not is_cache(cache):
+        return None
+    layers = getattr(cache, "layers", None) or ()
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return None
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, Tensor) or keys.shape[-2] != t + 1:
+            return None
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and t + 1 >= window:
+            return None
+    if not layers:
+        return None
+    cache.crop(-1)
+    return cache
 
 
-def remember_capture(clean: Any, capture: Any) -> None:
-    """Keep ``capture`` (:func:`causalnet.adapters.replay.clean_capture`) with ``clean`` for as
-    long as the clean run object lives: its patches then replay without a forward of their
-    own."""
+#: id(clean run) -> the model's cache of its earlier positions (:func:`remember_prefix`)
+_PREFIXES: dict[int, Any] = {}
+
+
+def remember_prefix(clean: Any, cache: Any) -> None:
+    """Keep ``cache`` (:func:`prefix_cache`, or None) as ``clean``'s earlier keys and values for
+    as long as the clean run object lives: :func:`block_calls` then skips the prefix forward."""
+    if cache is None:
+        return
     ident = id(clean)
-    _CAPTURES[ident] = capture
-    weakref.finalize(clean, _CAPTURES.pop, ident, None)
+    _PREFIXES[ident] = cache
+    weakref.finalize(clean, _PREFIXES.pop, ident, None)
 
 
-def capture_of(clean: Any) -> Any:
-    """The capture :func:`remember_capture` kept for ``clean`` (None if none)."""
-    return _CAPTURES.get(id(clean))
+def prefix_of(clean: Any) -> Any:
+    """The cache :func:`remember_prefix` kept for ``clean`` (None if none)."""
+    return _PREFIXES.get(id(clean))

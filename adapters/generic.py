@@ -35,20 +35,18 @@ from torch import Tensor, nn
 from causalnet.errors import (
     InterventionError,
     ModelError,
-    UnsupportedModelError,
 )
 from causalnet.sites import Site
 
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
-from .frozencache import remember_capture
+from .frozencache import prefix_cache, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
 from .readout import accumulation_dtype
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
 from .recurrent import check_recurrent, recurrent_patch
-from .replay import clean_capture
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 
@@ -85,8 +83,6 @@ class GenericAdapter(ResidualAdapter):
         self._lock = threading.RLock()
         self.verification = verify(self)
         self._fast: tuple[str | None, float | None] | None = None
-        self._capture_ok = True  # one-prompt clean runs capture the replay's arguments too
-        self._capture_refusal: str | None = None
 
     # ---- fast patching, checked before its first use -------------------------------------
     @property
@@ -151,12 +147,13 @@ class GenericAdapter(ResidualAdapter):
         patches: list[tuple[Site, Tensor, Tensor]] | None = None,
         heads: bool = False,
         last_only: bool = False,
+        keep_cache: bool = False,
     ) -> Trace:
         """The model's hooked forward on ``tokens`` [B, T] (:func:`causalnet.adapters.trace.
         record`): every site at the positions ``at`` [B] (None: all), with do(site = value)
         for every ``(site, rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``."""
         with self._lock:
-            return record(self, tokens, at, patches, heads, last_only)
+            return record(self, tokens, at, patches, heads, last_only, keep_cache)
 
     # ---- the sweep's interface --------------------------------------------------------------
     def clean_runs(
@@ -170,21 +167,16 @@ class GenericAdapter(ResidualAdapter):
         self._check_granularity(granularity)
         padded, toks, ts = self.pad_prompts(prompts, positions)
         at = torch.tensor(ts, device=self.device)
+        # one prompt: the model's own cache of its earlier positions is kept for fast patching
         single = len(toks) == 1
-        tr, cap = None, None
-        if single and ts[0] > 0 and self._capture_ok and not self.parts.one_part:
-            # one prompt: the clean run and the fast replay's capture from the same forwards
-            try:
-                with self._lock:
-                    tr, cap = clean_capture(self, padded[0], heads=self.parts.o_proj is not None)
-            except UnsupportedModelError as err:  # no cache to continue from: a plain run
-                self._capture_ok = False
-                self._capture_refusal = str(err)
-        if tr is None:
-            with fast_linears(self.parts.blocks):
-                tr = self.record(
-                    padded, at=at, heads=self.parts.o_proj is not None, last_only=single
-                )
+        with fast_linears(self.parts.blocks):
+            tr = self.record(
+                padded,
+                at=at,
+                heads=self.parts.o_proj is not None,
+                last_only=single,
+                keep_cache=single,
+            )
         values = site_values(tr, self.arch.n_layers, granularity)
         sigmas = self.final_scale(tr.final)
         acc = accumulation_dtype(self.dtype)
@@ -224,8 +216,8 @@ class GenericAdapter(ResidualAdapter):
                     _mixer=mixer,
                 )
             )
-        if cap is not None:
-            remember_capture(out[0], cap)
+        if single:
+            remember_prefix(out[0], prefix_cache(tr.cache, ts[0]))
         return out
 
     def final_values(

@@ -10,14 +10,13 @@ fire did not: a hook that silently does nothing would turn an intervention into 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from causalnet.errors import InterventionError, UnsupportedModelError
+from causalnet.errors import InterventionError
 
 #: Comparison tolerances relative to the scale of what is compared, per dtype (docs/conventions.md,
 #: "Tolerances": 1e-5 in float32, 1e-10 in float64; half precision is checked at 1e-2).
@@ -137,33 +136,19 @@ class HookSet:
         self.handles.clear()
 
 
-def cache_keyword(model: nn.Module) -> str:
-    """The name under which ``model.forward`` takes a transformers cache (``cache`` or
-    ``past_key_values``); UnsupportedModelError if it takes none."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise UnsupportedModelError(
-        f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
-    )
-
-
 def call_model(
-    model: nn.Module, tokens: Tensor, last_only: bool = False, cache: Any = None
+    model: nn.Module, tokens: Tensor, last_only: bool = False, keep: list | None = None
 ) -> Tensor:
     """The model's logits [B, T, V] (or [B, 1, V] with ``last_only`` where the model supports
-    ``logits_to_keep``) for token ids [B, T]; no KV cache, unless ``cache`` is given: then a
-    Hugging Face model continues from it (``tokens`` are the positions after the cached ones,
-    and the cache is extended in place). A module that is not a Hugging Face model is called as
-    ``model(tokens)`` and may return logits, a tuple or an object with ``.logits``."""
+    ``logits_to_keep``) for token ids [B, T]; no KV cache, unless ``keep`` is a list: then a
+    Hugging Face model runs with its cache and ``keep`` receives the cache object it returned
+    (None if none). A module that is not a Hugging Face model is called as ``model(tokens)`` and
+    may return logits, a tuple or an object with ``.logits``."""
     from transformers import PreTrainedModel
 
     with torch.no_grad():
         if isinstance(model, PreTrainedModel):
-            kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": cache is not None}
-            if cache is not None:
-                kwargs[cache_keyword(model)] = cache
+            kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": keep is not None}
             if last_only:
                 kwargs["logits_to_keep"] = 1
             try:
@@ -171,8 +156,12 @@ def call_model(
             except TypeError:
                 kwargs.pop("logits_to_keep", None)
                 out = model(**kwargs)
+            if keep is not None:
+                keep.append(getattr(out, "past_key_values", None))
         else:
             out = model(tokens)
+            if keep is not None:
+                keep.append(None)
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = first(out)

@@ -40,17 +40,8 @@ from causalnet.errors import UnsupportedModelError
 
 from . import splitattn
 from .frozencache import FrozenCache, check_kv_only, is_cache
-from .hooks import (
-    HookSet,
-    cache_keyword,
-    first,
-    hidden_in,
-    rel_err,
-    tolerance,
-    with_hidden_in,
-)
+from .hooks import HookSet, first, hidden_in, rel_err, tolerance, with_hidden_in
 from .linears import fast_linears
-from .trace import Trace, record
 
 _HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
 _CACHE = object()  # where the cache goes
@@ -69,6 +60,16 @@ class Capture:
     pre: Tensor | None = None
     attn: Tensor | None = None
     mlp: Tensor | None = None
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise UnsupportedModelError(
+        f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
+    )
 
 
 def _forward(model: nn.Module, **kwargs: Any) -> Any:
@@ -90,20 +91,22 @@ def _mark(x: Any, live: Any) -> Any:
     return x
 
 
-class _Recorder:
-    """The hooks that fill a :class:`Capture` while the model runs on the token at t with its
-    cache (``install``), and the capture once it has run (``finish``)."""
+def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) -> Capture:
+    """The model's forward on ``prompt[:-1]`` (its cache) then ``prompt[-1]`` with every block's
+    arguments recorded, ``batch`` identical rows (module docstring). ``prefix``: the model's
+    cache of ``prompt[:-1]`` from the clean run (:func:`prefix_cache`; batch 1 only), copied and
+    used instead of the prefix forward."""
+    p = adapter.parts
+    model = adapter.model
+    cap = Capture()
+    n_layers = p.n_layers
+    cap.args, cap.kwargs = [()] * n_layers, [{}] * n_layers
+    vals: dict[str, list[Any]] = {"pre": [None] * n_layers, "attn": [None] * n_layers}
+    vals["mlp"] = [None] * n_layers
+    live: dict[str, Any] = {}
 
-    def __init__(self, adapter: Any) -> None:
-        self.p = adapter.parts
-        n_layers = self.p.n_layers
-        self.cap = Capture()
-        self.cap.args, self.cap.kwargs = [()] * n_layers, [{}] * n_layers
-        self.vals: dict[str, list[Any]] = {k: [None] * n_layers for k in ("pre", "attn", "mlp")}
-        self.live: Any = None
-
-    def _recording_update(self, cache: Any) -> Callable:
-        update, cap = type(cache).update, self.cap
+    def recording_update(cache: Any) -> Callable:
+        update = type(cache).update
 
         def wrapped(k: Tensor, v: Tensor, layer_idx: int, *a: Any, **kw: Any) -> Any:
             keys, values = update(cache, k, v, layer_idx, *a, **kw)
@@ -118,9 +121,7 @@ class _Recorder:
 
         return wrapped
 
-    def _block_pre(self, layer: int) -> Callable:
-        p, cap = self.p, self.cap
-
+    def block_pre(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             caches = [x for x in (*args, *kwargs.values()) if is_cache(x)]
             if len(caches) != 1:
@@ -129,101 +130,59 @@ class _Recorder:
                 )
             if layer == 0:
                 check_kv_only(caches[0])
-                self.live = caches[0]
+                live["cache"] = caches[0]
                 cap.cache = copy.deepcopy(caches[0])
-                caches[0].update = self._recording_update(caches[0])
-            elif caches[0] is not self.live:
+                caches[0].update = recording_update(caches[0])
+            elif caches[0] is not live["cache"]:
                 raise UnsupportedModelError(f"block {p.block_names[layer]} gets another cache")
             x = hidden_in(args, kwargs)
-            self.vals["pre"][layer] = x[0, -1].clone()
+            vals["pre"][layer] = x[0, -1].clone()
             placeholder = x.new_empty(0)
             a, k = with_hidden_in(args, kwargs, placeholder)
-            a = tuple(_HIDDEN if y is placeholder else _mark(y, self.live) for y in a)
-            k = {n: _HIDDEN if y is placeholder else _mark(y, self.live) for n, y in k.items()}
+            a = tuple(_HIDDEN if y is placeholder else _mark(y, live["cache"]) for y in a)
+            k = {n: _HIDDEN if y is placeholder else _mark(y, live["cache"]) for n, y in k.items()}
             cap.args[layer], cap.kwargs[layer] = a, k
 
         return hook
 
-    def _part(self, kind: str, layer: int, scale: float) -> Callable:
+    def part(kind: str, layer: int, scale: float) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self.vals[kind][layer] = first(output)[0, -1] * scale
+            vals[kind][layer] = first(output)[0, -1] * scale
 
         return hook
 
-    def install(self, hooks: HookSet) -> None:
-        p = self.p
-        for layer in range(p.n_layers):
-            block = p.blocks[layer]
-            hooks.pre(block, f"block.{layer}.capture", self._block_pre(layer))
-            attn = self._part("attn", layer, p.alpha[layer])
-            hooks.part(block, p.attn[layer], f"attn.{layer}.capture", attn)
-            mlp = self._part("mlp", layer, p.beta[layer])
-            hooks.part(block, p.mlp[layer], f"mlp.{layer}.capture", mlp)
-
-    def finish(self) -> Capture:
-        if self.live is not None:
-            del self.live.update  # the instance attribute; the class's method is back
-            self.live = None
-        cap = self.cap
-        cap.pre, cap.attn, cap.mlp = (torch.stack(self.vals[k]) for k in ("pre", "attn", "mlp"))
-        return cap
-
-
-def _prefix_forward(model: nn.Module, tokens: Tensor) -> Any:
-    """The model's own cache of ``tokens`` [B, t] (its forward with ``use_cache``)."""
-    key = cache_keyword(model)  # UnsupportedModelError before any forward if it takes none
-    out = _forward(model, input_ids=tokens, use_cache=True)
-    cache = out.get(key) if hasattr(out, "get") else None
-    if cache is None and hasattr(out, "get"):
-        cache = out.get("past_key_values")
-    if not is_cache(cache):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} returned no transformers Cache ({type(cache)})"
-        )
-    return cache
-
-
-def capture(adapter: Any, prompt: Tensor, batch: int = 1) -> Capture:
-    """The model's forward on ``prompt[:-1]`` (its cache) then ``prompt[-1]`` with every block's
-    arguments recorded, ``batch`` identical rows (module docstring)."""
-    model, p = adapter.model, adapter.parts
-    rec = _Recorder(adapter)
+    key = _cache_keyword(model)
     toks = prompt[None].expand(batch, -1)
-    key = cache_keyword(model)
     with torch.no_grad(), fast_linears(p.blocks, watch=True):
         kwargs: dict[str, Any] = {"use_cache": True}
-        if prompt.shape[0] > 1:
-            kwargs[key] = _prefix_forward(model, toks[:, :-1])
+        if prefix is not None and batch == 1 and prompt.shape[0] > 1:
+            kwargs[key] = copy.deepcopy(prefix)
+        elif prompt.shape[0] > 1:
+            out = _forward(model, input_ids=toks[:, :-1], use_cache=True)
+            cache = out.get(key) if hasattr(out, "get") else None
+            if not is_cache(cache):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} returned no transformers Cache ({type(cache)})"
+                )
+            kwargs[key] = cache
         with HookSet() as hooks:
-            rec.install(hooks)
+            for layer in range(n_layers):
+                hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
+                hooks.part(
+                    p.blocks[layer],
+                    p.attn[layer],
+                    f"attn.{layer}",
+                    part("attn", layer, p.alpha[layer]),
+                )
+                hooks.part(
+                    p.blocks[layer], p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer])
+                )
             _forward(model, input_ids=toks[:, -1:], **kwargs)
             hooks.check()
-    return rec.finish()
-
-
-def clean_capture(adapter: Any, prompt: Tensor, heads: bool) -> tuple[Trace, Capture]:
-    """One prompt's clean run and its capture from the same two forwards: the model on
-    ``prompt[:-1]`` with its cache, then :func:`causalnet.adapters.trace.record` on the token
-    at t from that cache with the capture's hooks added (so the replay needs no forward of its
-    own). UnsupportedModelError where the model's forward takes or returns no cache."""
-    model, p = adapter.model, adapter.parts
-    rec = _Recorder(adapter)
-    cache_keyword(model)  # UnsupportedModelError before any forward if it takes no cache
-    with torch.no_grad(), fast_linears(p.blocks, watch=True):
-        cache = None
-        if prompt.shape[0] > 1:
-            cache = _prefix_forward(model, prompt[None, :-1])
-        at = torch.zeros(1, dtype=torch.long, device=prompt.device)
-        tr = record(
-            adapter,
-            prompt[None, -1:],
-            at,
-            heads=heads,
-            last_only=True,
-            cache=cache,
-            also=rec.install,
-        )
-    return tr, rec.finish()
+    if "cache" in live:
+        del live["cache"].update  # the instance attribute; the class's method is back
+    cap.pre, cap.attn, cap.mlp = (torch.stack(vals[k]) for k in ("pre", "attn", "mlp"))
+    return cap
 
 
 def _mode(x1: Any, x2: Any, where: str) -> Any:
@@ -372,12 +331,11 @@ def attention_split(adapter: Any) -> bool | None:
 _MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def block_calls(adapter: Any, prompt: Tensor, one: Capture | None = None) -> BlockCalls:
-    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1 (``one``, the clean
-    run's capture, where given: :func:`clean_capture`), and at batch 2 the first time its
-    arguments have this structure (how they scale with the batch)."""
-    if one is None:
-        one = capture(adapter, prompt, 1)
+def block_calls(adapter: Any, prompt: Tensor, prefix: Any = None) -> BlockCalls:
+    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1 (on the clean run's
+    ``prefix`` cache where given), and at batch 2 the first time its arguments have this
+    structure (how they scale with the batch)."""
+    one = capture(adapter, prompt, 1, prefix)
     sig = _signature((one.args, one.kwargs))
     known = _MODES.setdefault(adapter, {})
     if sig not in known:

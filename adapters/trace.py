@@ -24,7 +24,6 @@ batched in chunks. Hooks are global to the modules, so the caller holds the adap
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +54,7 @@ class Trace:
     unembedded: Tensor
     logits: Tensor
     mixer: list[Tensor] | None = None  # one-part blocks: mixer.l per layer (attn, mlp empty)
+    cache: Any = None  # the model's own cache of this forward (``record(keep_cache=True)``)
 
 
 def record(
@@ -64,14 +64,12 @@ def record(
     patches: list[tuple[Site, Tensor, Tensor]] | None = None,
     heads: bool = False,
     last_only: bool = False,
-    cache: Any = None,
-    also: Callable[[HookSet], None] | None = None,
+    keep_cache: bool = False,
 ) -> Trace:
     """Run ``adapter``'s model on ``tokens`` [B, T] with do(site = value) for every ``(site,
     rows, values [n, d])`` of ``patches`` at the positions ``at[rows]``, recording every site at
-    the positions ``at`` [B] (None: all positions). ``cache``: the model's own cache of the
-    positions before ``tokens`` (extended in place); ``also(hooks)`` adds hooks of the caller's
-    to the same forward (:func:`causalnet.adapters.replay.clean_capture`)."""
+    the positions ``at`` [B] (None: all positions); with ``keep_cache`` the model runs with its
+    own cache and the trace keeps it (the fast patch engine's earlier keys and values)."""
     p = adapter.parts
     n_b, n_t = tokens.shape
     rows_all = torch.arange(n_b, device=tokens.device)
@@ -172,9 +170,8 @@ def record(
         final = p.final_norm.module
         hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
         hooks.post(p.readout.unembed, "unembed", unembed_post)
-        if also is not None:
-            also(hooks)
-        logits = call_model(adapter.model, tokens, last_only=last_only, cache=cache)
+        kept: list[Any] | None = [] if keep_cache else None
+        logits = call_model(adapter.model, tokens, last_only=last_only, keep=kept)
         hooks.check()
         head_vals = None
         if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
@@ -206,6 +203,7 @@ def record(
         unembedded=rec["unembedded"],
         logits=pick(logits),
         mixer=rec["mixer"] if p.one_part else None,
+        cache=kept[0] if kept else None,
     )
 
 

@@ -103,42 +103,47 @@ def test_an_edited_sibling_weight_is_stacked_again():
     torch.testing.assert_close(k, F.linear(x, attn.k_proj.weight), rtol=1e-12, atol=1e-12)
 
 
-def test_the_clean_run_keeps_its_capture_and_patching_from_it_is_exact():
+def test_the_clean_run_keeps_its_cache_and_patching_from_it_is_exact():
     adapter = adapt(_llama(), generic=True)
     assert adapter.fast_refusal is None
     tokens = torch.tensor([3, 9, 4, 17, 8, 2, 11])
     clean = adapter.clean_run(tokens)
-    kept = frozencache.capture_of(clean)
-    assert kept is not None and set(kept.prefix) == {0, 1}
-    assert kept.prefix[0][0].shape[-2] == len(tokens) - 1  # the keys before t
-    without = dataclasses.replace(clean)  # the same clean run, no capture kept for it
-    assert frozencache.capture_of(without) is None
+    kept = frozencache.prefix_of(clean)
+    assert kept is not None and kept.get_seq_length() == len(tokens) - 1
+    without = dataclasses.replace(clean)  # the same clean run, no cache kept for it
+    assert frozencache.prefix_of(without) is None
     sites = adapter.sites()
     values = torch.randn(len(sites), 3, 32, dtype=torch.float64)
-    with_capture = adapter.patch(clean, sites, values)
-    no_capture = adapter.patch(without, sites, values)  # captures on its own
+    with_cache = adapter.patch(clean, sites, values)
+    assert kept.get_seq_length() == len(tokens) - 1  # the replay copied it, never extended it
+    no_cache = adapter.patch(without, sites, values)
     parsed = [adapter.site(s) for s in sites]
     oracle = reforward_patch(adapter, clean, parsed, values)
-    for run in (with_capture, no_capture):
+    for run in (with_cache, no_cache):
         for name in ("centred_logit", "sigma", "direct_effects"):
             torch.testing.assert_close(
                 getattr(run, name), getattr(oracle, name), rtol=1e-9, atol=1e-9
             )
 
 
-def test_a_clean_run_from_the_cache_equals_one_forward_of_the_whole_prompt():
-    adapter = adapt(_llama(), generic=True)
-    tokens = torch.tensor([3, 9, 4, 17, 8, 2, 11])
-    clean = adapter.clean_run(tokens)
-    assert frozencache.capture_of(clean) is not None
-    batch = adapter.clean_runs([tokens, tokens[:4]])[0]  # two prompts: one padded forward
-    assert frozencache.capture_of(batch) is None
-    assert clean.target == batch.target
-    for name in ("site_values", "direct_effects", "logits"):
-        torch.testing.assert_close(
-            getattr(clean, name), getattr(batch, name), rtol=1e-10, atol=1e-10
-        )
-    assert abs(clean.centred_logit - batch.centred_logit) < 1e-10
+def test_a_sliding_window_the_prompt_has_passed_keeps_no_cache():
+    cfg = T.MistralConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        max_position_embeddings=64,
+        sliding_window=3,
+    )
+    torch.manual_seed(0)
+    model = T.MistralForCausalLM(cfg).double().eval()
+    adapter = adapt(model, generic=True)
+    long = adapter.clean_run(torch.tensor([3, 9, 4, 17, 8, 2]))
+    assert frozencache.prefix_of(long) is None  # its window layers hold the last positions only
+    short = adapter.clean_run(torch.tensor([3, 9]))
+    assert frozencache.prefix_of(short) is not None
 
 
 def _sdpa_on_concatenated(module, q, k, v, pk, pv, mask):
@@ -199,18 +204,3 @@ def test_replay_splits_attention_where_the_model_uses_the_interface_and_not_else
     falcon = adapt(T.FalconForCausalLM(cfg).double().eval(), generic=True)
     assert falcon.fast_refusal is None  # its own ALiBi attention: keys concatenated instead
     assert replay.attention_split(falcon) is False
-
-
-def test_a_one_token_prompt_is_patched_exactly_and_later_prompts_still_keep_captures():
-    adapter = adapt(_llama(), generic=True)
-    first = adapter.clean_run(torch.tensor([5]))  # no earlier positions: nothing to continue
-    assert frozencache.capture_of(first) is None
-    later = adapter.clean_run(torch.tensor([5, 7, 9]))
-    assert frozencache.capture_of(later) is not None
-    sites = adapter.sites()
-    values = torch.randn(len(sites), 2, 32, dtype=torch.float64)
-    for clean in (first, later):
-        run = adapter.patch(clean, sites, values)
-        oracle = reforward_patch(adapter, clean, [adapter.site(s) for s in sites], values)
-        torch.testing.assert_close(run.direct_effects, oracle.direct_effects, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(run.centred_logit, oracle.centred_logit, rtol=1e-9, atol=1e-9)
