@@ -132,7 +132,9 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     def bound(k: int) -> int:
         return bisect.bisect_left(sorted_keys, k) * n_patch
 
-    calls = block_calls(adapter, clean.tokens[: clean.position + 1].to(dev), prefix_of(clean))
+    calls = block_calls(
+        adapter, clean.tokens[: clean.position + 1].to(dev), prefix_of(clean), clean
+    )
     cap = calls.one
     num = dot(clean.site_values).expand(n_rows, -1).clone()
     vals_w = dot(vals)

@@ -40,17 +40,15 @@ from causalnet.errors import UnsupportedModelError
 
 from . import splitattn
 from .frozencache import FrozenCache, check_kv_only, is_cache
-from .hooks import HookSet, first, hidden_in, rel_err, tolerance, with_hidden_in
+from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .linears import fast_linears
-
-_HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
-_CACHE = object()  # where the cache goes
+from .tiling import CACHE, HIDDEN, mode, signature, tile
 
 
 @dataclass
 class Capture:
     """The model's own forward at position t with its cache (module docstring), at one batch
-    size: per block the arguments (``_HIDDEN`` / ``_CACHE`` placeholders) and the clean values
+    size: per block the arguments (``HIDDEN`` / ``CACHE`` placeholders) and the clean values
     at t of its input, attention part and MLP part (times alpha / beta) [L, d]."""
 
     args: list[tuple] = field(default_factory=list)
@@ -81,9 +79,9 @@ def _forward(model: nn.Module, **kwargs: Any) -> Any:
 
 
 def _mark(x: Any, live: Any) -> Any:
-    """``x`` with the live cache object replaced by ``_CACHE`` (in tuples, lists, dicts)."""
+    """``x`` with the live cache object replaced by ``CACHE`` (in tuples, lists, dicts)."""
     if x is live:
-        return _CACHE
+        return CACHE
     if isinstance(x, (tuple, list)):
         return type(x)(_mark(y, live) for y in x)
     if isinstance(x, dict):
@@ -139,8 +137,8 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
             vals["pre"][layer] = x[0, -1].clone()
             placeholder = x.new_empty(0)
             a, k = with_hidden_in(args, kwargs, placeholder)
-            a = tuple(_HIDDEN if y is placeholder else _mark(y, live["cache"]) for y in a)
-            k = {n: _HIDDEN if y is placeholder else _mark(y, live["cache"]) for n, y in k.items()}
+            a = tuple(HIDDEN if y is placeholder else _mark(y, live["cache"]) for y in a)
+            k = {n: HIDDEN if y is placeholder else _mark(y, live["cache"]) for n, y in k.items()}
             cap.args[layer], cap.kwargs[layer] = a, k
 
         return hook
@@ -185,69 +183,10 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
     return cap
 
 
-def _mode(x1: Any, x2: Any, where: str) -> Any:
-    """How a captured argument scales to n rows, from its captures at batch 1 (``x1``) and 2
-    (``x2``): per tensor ``"same"`` (broadcasts), ``"expand"`` / ``"repeat"`` (tiled along its
-    first dimension); nested as ``x1`` is. UnsupportedModelError for anything else."""
-    if x1 is _HIDDEN or x1 is _CACHE:
-        if x2 is not x1:
-            raise UnsupportedModelError(f"{where}: the arguments differ between batch sizes")
-        return "same"
-    if isinstance(x1, Tensor):
-        if not isinstance(x2, Tensor):
-            raise UnsupportedModelError(f"{where}: a tensor at batch 1 only")
-        tol = tolerance(x1.dtype) if x1.is_floating_point() else 0.0
-        if x1.shape == x2.shape:
-            if rel_err(x2, x1) > tol:
-                raise UnsupportedModelError(f"{where} {tuple(x1.shape)} depends on the batch")
-            return "same"
-        reps = (2,) + (1,) * (x1.ndim - 1)
-        if x1.ndim and x2.shape[1:] == x1.shape[1:] and rel_err(x2, x1.repeat(*reps)) <= tol:
-            return "expand" if x1.shape[0] == 1 else "repeat"
-        raise UnsupportedModelError(
-            f"{where} has shape {tuple(x1.shape)} at batch 1 and {tuple(x2.shape)} at batch 2"
-        )
-    if isinstance(x1, (tuple, list)) and type(x2) is type(x1) and len(x1) == len(x2):
-        return [_mode(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(x1, x2, strict=True))]
-    if isinstance(x1, dict) and isinstance(x2, dict) and x1.keys() == x2.keys():
-        return {k: _mode(x1[k], x2[k], f"{where}.{k}") for k in x1}
-    if type(x1) is not type(x2) or (isinstance(x1, (int, float, str, bool)) and x1 != x2):
-        raise UnsupportedModelError(f"{where}: {x1!r} at batch 1, {x2!r} at batch 2")
-    return "same"
-
-
-def _tile(x: Any, mode: Any, n: int) -> Any:
-    """``x`` (captured at batch 1) for n rows as ``mode`` (:func:`_mode`) says."""
-    if isinstance(mode, list):
-        return type(x)(_tile(y, m, n) for y, m in zip(x, mode, strict=True))
-    if isinstance(mode, dict):
-        return {k: _tile(x[k], mode[k], n) for k in x}
-    if mode == "expand":
-        return x.expand(n, *x.shape[1:])
-    if mode == "repeat":
-        return x.repeat(n, *(1,) * (x.ndim - 1))
-    return x
-
-
-def _signature(x: Any) -> Any:
-    """The structure of a captured argument (hashable): types, and per tensor its dtype, number
-    of dimensions and first dimension (what tiling depends on; lengths that follow the prompt's
-    are left out, so one structure serves every prompt length)."""
-    if isinstance(x, Tensor):
-        return ("T", x.ndim, x.shape[0] if x.ndim else None, x.dtype)
-    if isinstance(x, (tuple, list)):
-        return (type(x).__name__, tuple(_signature(y) for y in x))
-    if isinstance(x, dict):
-        return ("dict", tuple((k, _signature(y)) for k, y in x.items()))
-    if isinstance(x, (int, float, str, bool)) or x is None:
-        return ("v", x)
-    return (type(x).__name__,)
-
-
 def _fill(x: Any, hidden: Tensor, cache: FrozenCache) -> Any:
-    if x is _HIDDEN:
+    if x is HIDDEN:
         return hidden
-    if x is _CACHE:
+    if x is CACHE:
         return cache
     if isinstance(x, (tuple, list)):
         return type(x)(_fill(y, hidden, cache) for y in x)
@@ -272,8 +211,8 @@ class BlockCalls:
         n = resid.shape[0]
         hidden = resid[:, None, :].clone()  # a block may write to its input
         a_mode, k_mode = self.modes[layer]
-        args = _fill(_tile(self.one.args[layer], a_mode, n), hidden, self.cache)
-        kwargs = _fill(_tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
+        args = _fill(tile(self.one.args[layer], a_mode, n), hidden, self.cache)
+        kwargs = _fill(tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
         out = self._split_call(layer, args, kwargs) if self.split else None
         if out is None:
             out = first(self.blocks[layer](*args, **kwargs))
@@ -331,20 +270,104 @@ def attention_split(adapter: Any) -> bool | None:
 _MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def block_calls(adapter: Any, prompt: Tensor, prefix: Any = None) -> BlockCalls:
-    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1 (on the clean run's
-    ``prefix`` cache where given), and at batch 2 the first time its arguments have this
-    structure (how they scale with the batch)."""
+#: adapter -> {prompt length: (its tokens, a capture at that length)}; and whether the blocks'
+#: arguments at t (hidden state and cache aside) are the same for every prompt of one length
+#: (True: seen on two prompts; False: they differ; absent: not known yet)
+_BY_LENGTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LENGTH_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def arguments_by_length(adapter: Any) -> bool | None:
+    """Whether ``adapter``'s blocks get the same arguments at t (hidden state and cache aside)
+    for every prompt of one length, as seen on two prompts of one length (None: not seen yet).
+    Where True, a prompt's replay takes them from an earlier prompt of its length instead of a
+    forward of its own."""
+    return _LENGTH_ONLY.get(adapter)
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Whether two captured arguments are identical (tensors bit for bit)."""
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        return (
+            isinstance(x, Tensor)
+            and isinstance(y, Tensor)
+            and x.shape == y.shape
+            and x.dtype == y.dtype
+            and torch.equal(x, y)
+        )
+    if isinstance(x, (tuple, list)):
+        return (
+            type(x) is type(y) and len(x) == len(y) and all(map(_same, x, y))  # type: ignore[arg-type]
+        )
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    return x is y or (type(x) is type(y) and x == y)
+
+
+def _from_template(template: Capture, prefix: Any, clean: Any) -> Capture | None:
+    """A capture for ``clean`` built from ``template`` (another prompt of its length): the
+    template's block arguments, the earlier keys and values of ``clean``'s own cache
+    (``prefix``, cut back to t), its clean values at t. None where the cache's layers do not
+    map one to one onto the layers the template's attention updated."""
+    layers = getattr(prefix, "layers", None) or []
+    if set(template.prefix) != set(range(len(layers))) or clean._resid_pre is None:
+        return None
+    one = Capture(args=template.args, kwargs=template.kwargs, cache=prefix)
+    for i, layer in enumerate(layers):
+        one.prefix[i] = (layer.keys[:1], layer.values[:1])
+    one.pre, one.attn, one.mlp = clean._resid_pre, clean._attn, clean._mlp
+    return one
+
+
+def _same_capture(a: Capture, b: Capture) -> bool:
+    keys = set(a.prefix) == set(b.prefix) and all(
+        _same(a.prefix[i][0], b.prefix[i][0]) and _same(a.prefix[i][1], b.prefix[i][1])
+        for i in a.prefix
+    )
+    return keys and _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+
+
+def _batch_one(adapter: Any, prompt: Tensor, prefix: Any, clean: Any) -> Capture:
+    """The batch-1 capture for ``prompt``: built from another prompt of the same length where
+    the blocks' arguments were seen to depend on the length only (:data:`_LENGTH_ONLY`), else
+    captured (and, the first time another prompt of a length seen before comes, compared with
+    the earlier one to find out)."""
+    n = prompt.shape[0]
+    templates = _BY_LENGTH.setdefault(adapter, {})
+    reusable = prefix is not None and clean is not None
+    if reusable and _LENGTH_ONLY.get(adapter) is True and n in templates:
+        one = _from_template(templates[n][1], prefix, clean)
+        if one is not None:
+            return one
     one = capture(adapter, prompt, 1, prefix)
-    sig = _signature((one.args, one.kwargs))
+    if clean is not None and clean._resid_pre is not None:
+        # the clean run's own values at t, as a capture built from a template has them: a
+        # prompt's result does not depend on which way its capture was made
+        one.pre, one.attn, one.mlp = clean._resid_pre, clean._attn, clean._mlp
+    if reusable:
+        seen, known = templates.setdefault(n, (prompt.clone(), one))
+        other_tokens = not torch.equal(seen, prompt)
+        if other_tokens and _LENGTH_ONLY.get(adapter) is None:
+            built = _from_template(known, prefix, clean)
+            _LENGTH_ONLY[adapter] = built is not None and _same_capture(built, one)
+    return one
+
+
+def block_calls(adapter: Any, prompt: Tensor, prefix: Any = None, clean: Any = None) -> BlockCalls:
+    """:class:`BlockCalls` for ``prompt`` [t + 1]: captured at batch 1 (on the clean run's
+    ``prefix`` cache where given; from another prompt of its length where the arguments depend
+    on the length only, :func:`_batch_one`), and at batch 2 the first time its arguments have
+    this structure (how they scale with the batch)."""
+    one = _batch_one(adapter, prompt, prefix, clean)
+    sig = signature((one.args, one.kwargs))
     known = _MODES.setdefault(adapter, {})
     if sig not in known:
         two = capture(adapter, prompt, 2)
         names = adapter.parts.block_names
         known[sig] = [
             (
-                _mode(a1, a2, f"block {names[i]} argument"),
-                _mode(k1, k2, f"block {names[i]} keyword"),
+                mode(a1, a2, f"block {names[i]} argument"),
+                mode(k1, k2, f"block {names[i]} keyword"),
             )
             for i, (a1, a2, k1, k2) in enumerate(
                 zip(one.args, two.args, one.kwargs, two.kwargs, strict=True)

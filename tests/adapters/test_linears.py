@@ -204,3 +204,66 @@ def test_replay_splits_attention_where_the_model_uses_the_interface_and_not_else
     falcon = adapt(T.FalconForCausalLM(cfg).double().eval(), generic=True)
     assert falcon.fast_refusal is None  # its own ALiBi attention: keys concatenated instead
     assert replay.attention_split(falcon) is False
+
+
+def _patch_is_exact(adapter, clean) -> None:
+    sites = adapter.sites()
+    values = torch.randn(len(sites), 2, 32, dtype=torch.float64)
+    run = adapter.patch(clean, sites, values)
+    oracle = reforward_patch(adapter, clean, [adapter.site(s) for s in sites], values)
+    for name in ("centred_logit", "sigma", "direct_effects"):
+        torch.testing.assert_close(getattr(run, name), getattr(oracle, name), rtol=1e-9, atol=1e-9)
+
+
+def test_prompts_of_one_length_share_the_block_arguments_once_seen_equal(monkeypatch):
+    adapter = adapt(_llama(), generic=True)
+    assert adapter.fast_refusal is None
+    calls = []
+    real = replay.capture
+    monkeypatch.setattr(replay, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts = [torch.tensor(p) for p in ([3, 9, 4, 17, 8], [5, 1, 60, 2, 2], [7, 7, 30, 12, 40])]
+    for i, tokens in enumerate(prompts):
+        clean = adapter.clean_run(tokens)
+        _patch_is_exact(adapter, clean)
+        assert replay.arguments_by_length(adapter) is (None if i == 0 else True)
+    assert len(calls) == 2  # the third prompt's replay needed no forward of its own
+    _patch_is_exact(adapter, adapter.clean_run(torch.tensor([1, 2, 3])))  # a new length
+    assert len(calls) == 3
+
+
+def test_block_arguments_that_differ_between_prompts_of_one_length_are_never_shared(monkeypatch):
+    adapter = adapt(_llama(), generic=True)
+    assert adapter.fast_refusal is None
+    real = replay.capture
+    calls = []
+
+    def token_dependent(adapter_, prompt, *a, **k):  # as if an argument followed the tokens
+        one = real(adapter_, prompt, *a, **k)
+        calls.append(1)
+        kw = one.kwargs[0]
+        cos, sin = kw["position_embeddings"]
+        kw["position_embeddings"] = (cos * (1 + 1e-3 * int(prompt[0])), sin)
+        return one
+
+    monkeypatch.setattr(replay, "capture", token_dependent)
+    for tokens in ([3, 9, 4, 17, 8], [5, 1, 60, 2, 2], [7, 7, 30, 12, 40]):
+        adapter.clean_run(torch.tensor(tokens))
+        clean = adapter.clean_run(torch.tensor(tokens))
+        adapter.patch(clean, ["attn.0"], torch.zeros(1, 1, 32, dtype=torch.float64))
+    assert replay.arguments_by_length(adapter) is False
+    assert len(calls) == 3  # every prompt captured its own
+
+
+def test_a_prompts_patch_is_the_same_whether_its_arguments_were_shared_or_captured():
+    sites = ["embed", "attn.0", "mlp.0", "attn.1", "mlp.1"]
+    values = torch.randn(len(sites), 2, 32, dtype=torch.float32)
+    prompts = [torch.tensor(p) for p in ([3, 9, 4, 17, 8], [5, 1, 60, 2, 2], [7, 7, 30, 12, 40])]
+    fresh = adapt(_llama(torch.float32), generic=True)
+    alone = fresh.patch(fresh.clean_run(prompts[2]), sites, values)  # captured
+    shared = adapt(_llama(torch.float32), generic=True)
+    for tokens in prompts[:2]:
+        shared.patch(shared.clean_run(tokens), sites, values)
+    assert replay.arguments_by_length(shared) is True
+    after = shared.patch(shared.clean_run(prompts[2]), sites, values)  # from the template
+    for name in ("centred_logit", "sigma", "direct_effects"):
+        assert torch.equal(getattr(alone, name), getattr(after, name)), name
