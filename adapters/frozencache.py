@@ -22,8 +22,6 @@ from transformers.cache_utils import (
 
 from causalnet.errors import UnsupportedModelError
 
-from . import splitattn
-
 
 class FrozenCache(Cache):
     """The clean run's cache, frozen: ``update(k, v, layer)`` returns the captured earlier keys
@@ -33,7 +31,6 @@ class FrozenCache(Cache):
     def __init__(self, base: Any, prefix: dict[int, tuple[Tensor, Tensor]]) -> None:
         self.__dict__["_base"] = base
         self.__dict__["_prefix"] = prefix
-        self.__dict__["split"] = False  # leave the prefix to the attention (splitattn.py)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_base"], name)
@@ -45,10 +42,6 @@ class FrozenCache(Cache):
         if layer_idx not in prefix:
             raise UnsupportedModelError(f"attention layer {layer_idx} updated no cache at t")
         k, v = prefix[layer_idx]
-        pending = splitattn.PENDING.layers
-        if self.__dict__["split"] and pending is not None:
-            pending[layer_idx] = (k, v)
-            return key_states, value_states
         n = key_states.shape[0]
         return (
             torch.cat([k.expand(n, *k.shape[1:]), key_states], dim=-2),

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from causalnet.errors import UnsupportedModelError
 
-from . import splitattn
 from .frozencache import FrozenCache, check_kv_only, is_cache
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .linears import fast_linears
@@ -204,7 +203,6 @@ class BlockCalls:
         self.blocks = adapter.parts.blocks
         self.modes = modes
         self.cache = FrozenCache(one.cache, one.prefix)
-        self.split = _SPLIT.get(adapter) is not False and splitattn.splittable(self.blocks)
 
     def __call__(self, layer: int, resid: Tensor) -> Tensor:
         """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
@@ -213,55 +211,10 @@ class BlockCalls:
         a_mode, k_mode = self.modes[layer]
         args = _fill(tile(self.one.args[layer], a_mode, n), hidden, self.cache)
         kwargs = _fill(tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
-        out = self._split_call(layer, args, kwargs) if self.split else None
-        if out is None:
-            out = first(self.blocks[layer](*args, **kwargs))
+        out = first(self.blocks[layer](*args, **kwargs))
         if out is None or out.shape != hidden.shape:
             raise UnsupportedModelError(f"block {layer} returned no [n, 1, d] hidden states")
         return out[:, 0]
-
-    def _split_call(self, layer: int, args: tuple, kwargs: dict) -> Tensor | None:
-        """The block with the prefix left to :func:`causalnet.adapters.splitattn.
-        split_attention`; None (and no more splitting for this model) if its attention did
-        not take the prefix: it does not go through the attention interface, seen as a prefix
-        left unused or, on the model's first split call only, as the error its own attention
-        code raised on keys without the prefix."""
-        assert self.split
-        trial = _SPLIT.get(self.adapter) is None
-        self.cache.__dict__["split"] = True
-        splitattn.PENDING.layers = {}
-        failed = False
-        try:
-            with splitattn.split_mode(self.split):
-                out = first(self.blocks[layer](*args, **kwargs))
-        except (RuntimeError, ValueError, IndexError) as err:
-            if not trial:
-                raise
-            del err  # the model's own attention on keys without the prefix: no splitting
-            failed = True
-        finally:
-            left = splitattn.PENDING.layers
-            splitattn.PENDING.layers = None
-            self.cache.__dict__["split"] = False
-        if failed or left:
-            _SPLIT[self.adapter] = False
-            self.split = None
-            return None
-        if trial and layer == len(self.blocks) - 1:
-            _SPLIT[self.adapter] = True  # every block took its prefix
-        return out
-
-
-#: adapter -> False once a block's attention left the prefix unused (no splitting for it)
-_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def attention_split(adapter: Any) -> bool | None:
-    """Whether the replay of ``adapter``'s blocks leaves the clean prefix to
-    :func:`causalnet.adapters.splitattn.split_attention` (True), concatenates keys as the model
-    would (False: its attention does not go through the attention interface), or has not tried
-    yet (None)."""
-    return _SPLIT.get(adapter)
 
 
 #: adapter -> {structure of the batch-1 capture: tiling modes}, so that batch 2 is captured

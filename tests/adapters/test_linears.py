@@ -1,7 +1,8 @@
 """Speed-ups of the discovered models' fast patching that must not change a value (issue 11):
-sibling linears in one stacked product (:mod:`causalnet.adapters.linears`) and the clean run's
-own cache reused as the replay's earlier keys and values (:func:`causalnet.adapters.replay.
-prefix_cache`).
+sibling linears in one stacked product (:mod:`causalnet.adapters.linears`), the clean run's
+own cache reused as the replay's earlier keys and values (:func:`causalnet.adapters.frozencache.
+prefix_cache`), and the blocks' arguments at t shared by prompts of one length
+(:func:`causalnet.adapters.replay.arguments_by_length`).
 
 Oracles: each linear layer's own ``F.linear`` on the same input, the block's plain forward, and
 the hooked re-forward of the whole prompt (:func:`causalnet.adapters.trace.reforward_patch`).
@@ -17,7 +18,7 @@ import torch
 import transformers as T
 from torch.nn import functional as F
 
-from causalnet.adapters import adapt, frozencache, linears, replay, splitattn
+from causalnet.adapters import adapt, frozencache, linears, replay
 from causalnet.adapters.trace import reforward_patch
 
 
@@ -144,66 +145,6 @@ def test_a_sliding_window_the_prompt_has_passed_keeps_no_cache():
     assert frozencache.prefix_of(long) is None  # its window layers hold the last positions only
     short = adapter.clean_run(torch.tensor([3, 9]))
     assert frozencache.prefix_of(short) is not None
-
-
-def _sdpa_on_concatenated(module, q, k, v, pk, pv, mask):
-    n = q.shape[0]
-    key = torch.cat([pk.expand(n, -1, -1, -1), k], dim=-2)
-    value = torch.cat([pv.expand(n, -1, -1, -1), v], dim=-2)
-    return splitattn.ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, key, value, mask, 0.0, 0.3)[0]
-
-
-class _Attn(torch.nn.Module):
-    num_key_value_groups = 3
-    is_causal = True
-    layer_idx = 4
-
-
-@pytest.mark.parametrize("mask", [None, "bool", "float", "per-head"])
-def test_split_attention_equals_sdpa_over_the_concatenated_keys(mask):
-    gen = torch.Generator().manual_seed(0)
-    n, t = 5, 7
-    q = torch.randn(n, 6, 1, 8, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(n, 2, 1, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    pk, pv = (torch.randn(1, 2, t, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    m = None
-    if mask is not None:
-        keep = torch.rand(1, 1, 1, t + 1, generator=gen) > 0.4
-        keep[..., -1] = True  # a position attends to itself
-        if mask == "per-head":
-            keep = (torch.rand(n, 6, 1, t + 1, generator=gen) > 0.4) | (torch.arange(t + 1) == t)
-        m = keep
-        if mask == "float":
-            m = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
-    module = _Attn()
-    want = _sdpa_on_concatenated(module, q, k, v, pk, pv, m)
-    splitattn.PENDING.layers = {4: (pk, pv)}
-    try:
-        got = splitattn.split_attention(module, q, k, v, m, 0.0, 0.3)[0]
-        assert splitattn.PENDING.layers == {}  # the prefix was taken
-    finally:
-        splitattn.PENDING.layers = None
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_replay_splits_attention_where_the_model_uses_the_interface_and_not_elsewhere():
-    llama = adapt(_llama(), generic=True)
-    assert llama.fast_refusal is None
-    assert replay.attention_split(llama) is True  # the probe's replay took every prefix
-    cfg = T.FalconConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=64,
-        alibi=True,
-        new_decoder_architecture=False,
-        multi_query=True,
-        parallel_attn=True,
-    )
-    torch.manual_seed(0)
-    falcon = adapt(T.FalconForCausalLM(cfg).double().eval(), generic=True)
-    assert falcon.fast_refusal is None  # its own ALiBi attention: keys concatenated instead
-    assert replay.attention_split(falcon) is False
 
 
 def _patch_is_exact(adapter, clean) -> None:
