@@ -37,7 +37,7 @@ import torch
 import transformers as T
 from bench_sweep import Readouts, gemm_rates, machine_info, max_diff, way_c, way_naive
 
-from causalnet.adapters import adapt, load
+from causalnet.adapters import adapt, load, replay
 from causalnet.adapters.trace import reforward_patch
 from causalnet.hydra.data import load_prompts
 
@@ -106,7 +106,34 @@ def rel_diffs(x: Readouts, y: Readouts) -> dict[str, float]:
     return {k: v / max(1.0, float(getattr(y, k).abs().max())) for k, v in raw.items()}
 
 
-def smollm2(hand: Any, prompts: list[torch.Tensor], n_timed: int) -> dict[str, Any]:
+def warm_up(adapter: Any, prompts: list[torch.Tensor]) -> float:
+    """What a sweep's earlier prompts leave behind, untimed for the comparison: each prompt's
+    clean run and a patch of two sites (the generic path learns there which block arguments
+    prompts of one length share). Returns the seconds it took."""
+    sites = adapter.sites("layer")[:2]
+    t0 = time.perf_counter()
+    for tokens in prompts:
+        clean = adapter.clean_run(tokens)
+        adapter.patch(clean, sites, clean.site_values[1:3, None].clone())
+    return time.perf_counter() - t0
+
+
+class CaptureCount:
+    """Counts the generic path's forwards that capture block arguments (a prompt whose length
+    has no shared arguments yet)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.real = replay.capture
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.n += 1
+        return self.real(*args, **kwargs)
+
+
+def smollm2(
+    hand: Any, prompts: list[torch.Tensor], n_timed: int, warm: list[torch.Tensor]
+) -> dict[str, Any]:
     gen, t_adapt = timed(lambda: adapt(hand.model, generic=True))
     refusal, t_check = timed(lambda: gen.fast_refusal)
     if refusal is not None:
@@ -116,14 +143,26 @@ def smollm2(hand: Any, prompts: list[torch.Tensor], n_timed: int) -> dict[str, A
     diffs = rel_diffs(way_c(gen, prompts[0], sites, values), way_c(hand, prompts[0], sites, values))
     if max(diffs.values()) > 1e-5:
         raise SystemExit(f"generic and hand-written disagree on SmolLM2: {diffs}")
+    warm_s = {"hand": warm_up(hand, warm), "generic": warm_up(gen, warm)}
     times: dict[str, list[float]] = {"hand": [], "generic": []}
-    for i in range(1, n_timed + 1):
-        values = resample(hand, prompts, i)
-        for name, a in (("hand", hand), ("generic", gen)):
-            times[name].append(timed(lambda a=a, p=prompts[i], v=values: way_c(a, p, sites, v))[1])
+    counter = CaptureCount()
+    replay.capture = counter
+    try:
+        for i in range(1, n_timed + 1):
+            values = resample(hand, prompts, i)
+            for name, a in (("hand", hand), ("generic", gen)):
+                times[name].append(
+                    timed(lambda a=a, p=prompts[i], v=values: way_c(a, p, sites, v))[1]
+                )
+    finally:
+        replay.capture = counter.real
     med = {k: statistics.median(v) for k, v in times.items()}
     total = {k: sum(v) for k, v in times.items()}
     return {
+        "warm_up_prompts": len(warm),
+        "warm_up_s": warm_s,
+        "arguments_by_length": replay.arguments_by_length(gen),
+        "timed_prompts_that_captured": counter.n,
         "total_s": total,
         "ratio_total_generic_over_hand": total["generic"] / total["hand"],
         "agreement_rel": diffs,
@@ -137,7 +176,9 @@ def smollm2(hand: Any, prompts: list[torch.Tensor], n_timed: int) -> dict[str, A
     }
 
 
-def random_model(name: str, prompts: list[torch.Tensor], n_timed: int) -> dict[str, Any]:
+def random_model(
+    name: str, prompts: list[torch.Tensor], n_timed: int, warm: list[torch.Tensor]
+) -> dict[str, Any]:
     cfg_cls, model_cls, extra = RANDOM[name]
     torch.manual_seed(0)
     model = getattr(T, model_cls)(getattr(T, cfg_cls)(**{**SMOL, **extra})).eval()
@@ -146,6 +187,7 @@ def random_model(name: str, prompts: list[torch.Tensor], n_timed: int) -> dict[s
     if refusal is not None:
         raise SystemExit(f"the generic fast path is refused on {name}: {refusal}")
     sites = gen.sites("layer")
+    warm_s = warm_up(gen, warm)
     values = resample(gen, prompts, 0)
     fast, t_fast0 = timed(lambda: way_c(gen, prompts[0], sites, values))
     clean = gen.clean_run(prompts[0])
@@ -163,6 +205,8 @@ def random_model(name: str, prompts: list[torch.Tensor], n_timed: int) -> dict[s
         t_fast.append(timed(lambda v=values, i=i: way_c(gen, prompts[i], sites, v))[1])
         flops.append(patch_flops(name, len(prompts[i]) - 1, 30, K))
     return {
+        "warm_up_s": warm_s,
+        "arguments_by_length": replay.arguments_by_length(gen),
         "adapt_s": t_adapt,
         "fast_check_s": t_check,
         "fast_error": gen.fast_error,
@@ -176,6 +220,33 @@ def random_model(name: str, prompts: list[torch.Tensor], n_timed: int) -> dict[s
         "gflop_per_s": sum(flops) / sum(t_fast) / 1e9,
         "prompt_lengths": [len(p) for p in prompts[:n_timed]],
     }
+
+
+def summary_table(r: dict[str, Any]) -> str:
+    """The README's table of a result (``python benchmarks/bench_generic.py --summary FILE``):
+    one row per model, the generic path's time per prompt against what it is compared with."""
+    s = r["smollm2"]
+    mm = max(max(r["gemm_before"].values()), max(r.get("gemm_after", {0: 0}).values()))
+    agree = max(s["agreement_rel"].values())
+    lines = [
+        "| model (float32) | generic fast path, s / prompt | compared with | ratio | "
+        "fast-path rate |",
+        "|---|---|---|---|---|",
+        f"| SmolLM2-135M | {s['median_s']['generic']:.3f} | hand-written Llama "
+        f"{s['median_s']['hand']:.3f} s | {s['ratio_total_generic_over_hand']:.2f}x the time "
+        f"over {len(s['times_s']['hand'])} prompts (medians {s['ratio_generic_over_hand']:.2f}x); "
+        f"agree to {agree:.1e} | - |",
+    ]
+    names = {"qwen3": "Qwen3", "mixtral": "Mixtral (4 experts of 768, top-2)", "phi3": "Phi-3"}
+    for name, m in r["random"].items():
+        lines.append(
+            f"| {names.get(name, name)} (random, SmolLM2's size) | "
+            f"{statistics.median(m['fast_s']):.3f} | batched naive {m['naive_batched_s']:.1f} s / "
+            f"re-forward {m['reforward_s']:.1f} s | {m['speedup_vs_naive_batched']:.1f}x / "
+            f"{m['speedup_vs_reforward']:.1f}x faster | {m['gflop_per_s']:.0f} GFLOP/s = "
+            f"{100 * m['gflop_per_s'] / mm:.0f}% of {mm:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -210,7 +281,12 @@ def render(r: dict[str, Any]) -> str:
         f"as a sweep sees it): **{s['ratio_total_generic_over_hand']:.2f}x**; of the medians: "
         f"{s['ratio_generic_over_hand']:.2f}x (prompt lengths {s['prompt_lengths']}; the generic "
         "path's first prompt of each length captures the blocks' arguments with a forward of its "
-        "own, later ones of that length share them).",
+        "own, later ones of that length share them). Both paths first ran "
+        f"{s['warm_up_prompts']} other prompts untimed, as a sweep's earlier prompts would "
+        f"({s['warm_up_s']['hand']:.1f} s hand, {s['warm_up_s']['generic']:.1f} s generic: a clean "
+        "run and two patched sites each); prompts of one length share arguments: "
+        f"{s['arguments_by_length']}; timed generic prompts that captured their own: "
+        f"{s['timed_prompts_that_captured']}.",
         "",
         "## Random-weight models of SmolLM2's size (generic fast path vs batched naive)",
         "",
@@ -231,9 +307,10 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"% of mm rate: against the best matrix-multiply rate measured in this run ({mm:.0f} "
         "GFLOP/s; a rate far apart before and after means the shared cores were busy). "
-        "Speedups on the first prompt (length "
-        f"{next(iter(r['random'].values()))['prompt_lengths'][0]} tokens); fast s / prompt is "
-        "the median of the timed prompts, GFLOP/s over all of them.",
+        "Speedups on the first timed prompt (length "
+        f"{next(iter(r['random'].values()))['prompt_lengths'][0]} tokens), after the same "
+        "untimed warm-up prompts as above; fast s / prompt is the median of the timed prompts, "
+        "GFLOP/s over all of them.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -242,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=20, help="timed prompts per model")
     ap.add_argument("--models", default="qwen3,mixtral,phi3")
+    ap.add_argument(
+        "--warmup", type=int, default=40, help="untimed prompts first (a sweep's earlier prompts)"
+    )
+    ap.add_argument("--summary", help="print the README table of a results JSON and exit")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary_table(json.loads(Path(args.summary).read_text())), end="")
+        return 0
     torch.manual_seed(0)
     r: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -253,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     r["gemm_before"] = gemm_rates(torch.device("cpu"), seconds=0.5)
     hand = load("smollm2-135m")
-    texts = [p.text for p in load_prompts("known_1000")[: K + args.prompts + 1]]
-    prompts = [hand.encode(t) for t in texts]
-    r["smollm2"] = smollm2(hand, prompts, args.prompts)
+    texts = [p.text for p in load_prompts("known_1000")[: K + args.prompts + 1 + args.warmup]]
+    encoded = [hand.encode(t) for t in texts]
+    prompts, warm = encoded[: K + args.prompts + 1], encoded[K + args.prompts + 1 :]
+    r["smollm2"] = smollm2(hand, prompts, args.prompts, warm)
     print(json.dumps(r["smollm2"], indent=1), flush=True)
     r["random"] = {}
     for name in args.models.split(","):
-        r["random"][name] = random_model(name, prompts, max(1, args.prompts - 1))
+        r["random"][name] = random_model(name, prompts, max(1, args.prompts - 1), warm)
         print(name, json.dumps(r["random"][name], indent=1), flush=True)
     r["gemm_after"] = gemm_rates(torch.device("cpu"), seconds=0.5)
     r["load_after"] = [round(x, 2) for x in os.getloadavg()]
