@@ -44,7 +44,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from causalnet.errors import CausalNetError, ShapeError
+from causalnet.errors import CausalNetError, ModelError, ShapeError
 from causalnet.scm import SCM
 
 from .base import Granularity, TransformerAdapter
@@ -200,6 +200,15 @@ def to_scm(adapter: TransformerAdapter, granularity: Granularity = "layer") -> S
     >>> logits = scm.run({"tokens": tokens})["logits"]            # doctest: +SKIP
     """
     _check_granularity(granularity)
+    if not isinstance(adapter, TransformerAdapter):
+        family = getattr(getattr(adapter, "arch", None), "family", type(adapter).__name__)
+        raise ModelError(
+            f"to_scm needs a hand-written family's block methods (embed, attention, MLP as "
+            f"functions of the residual); this {family} model is a {type(adapter).__name__} "
+            "(discovered: its blocks run only as the model's own modules), so its SCM view, and "
+            "attribution patching on it, are not built; its exact effects come from "
+            "adapter.patch and the sweep"
+        )
     arch = adapter.arch
     scm = SCM()
     scm.add_exogenous("tokens")

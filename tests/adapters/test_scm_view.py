@@ -282,3 +282,24 @@ def test_at_positions_refuses_bad_values_and_positions() -> None:
         at_positions(0.0, torch.tensor([0.5]))
     with pytest.raises(ShapeError, match=r"\[B, T"):
         at_positions(0.0)(torch.zeros(3))
+
+
+def test_a_discovered_model_has_no_scm_view_and_says_why() -> None:
+    import transformers as T  # noqa: PLC0415
+
+    from causalnet.adapters import adapt  # noqa: PLC0415
+    from causalnet.errors import ModelError  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = T.Qwen3Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=64,
+        head_dim=8,
+    )
+    adapter = adapt(T.Qwen3ForCausalLM(cfg).eval())
+    with pytest.raises(ModelError, match="qwen3.*GenericAdapter.*not built"):
+        to_scm(adapter)
