@@ -8,20 +8,28 @@ whatever the model passes), the keys and values each attention layer's ``cache.u
 returned for the earlier positions (a sliding window already applied by the model's cache),
 and the clean residual, attention and MLP values at t.
 
-:func:`replay_patch` then calls the blocks themselves, layer by layer, on rows [N, 1, d] at t:
-every (site, patch) row of the prompt in one batch that grows as the layers go up (rows sorted by
-the layer they enter at, as in :meth:`causalnet.adapters.base.TransformerAdapter.patch`). Each
-block gets the captured arguments and a :class:`FrozenCache` whose ``update`` returns the clean
-earlier keys/values followed by the rows' own, so grouped / multi-query KV heads, sliding
-windows, rotary variants, ALiBi and MoE routing (each row routed by its own input) are computed
-by the model's own modules. do(site = v) is applied by hooks on the discovered modules, as in
+:func:`causalnet.adapters.fastpatch.fast_patch` then calls the blocks, layer by layer, on
+rows [N, 1, d] at t: every (site, patch) row of the prompt in one batch that grows as the layers
+go up (rows sorted by the layer they enter at, as in
+:meth:`causalnet.adapters.base.TransformerAdapter.patch`). Each block gets the captured
+arguments and a :class:`FrozenCache` whose ``update`` returns the clean earlier keys/values
+followed by the rows' own, so grouped / multi-query KV heads, sliding windows, rotary variants,
+ALiBi and MoE routing (each row routed by its own input) are computed by the model's own
+modules. do(site = v) is applied by hooks on the discovered modules, as in
 :mod:`causalnet.adapters.trace`. The vocabulary projection is never computed: the centred logit
 is the final norm's output (the model's module) dotted with the centred unembedding row.
 
 Arguments that depend on the batch size are found by capturing at batch 1 and 2 and tiled to
-N rows; anything else that differs (or a block that gets no transformers Cache) is refused
-with the reason, and the adapter falls back to :func:`causalnet.adapters.trace.reforward_patch`
-(:func:`causalnet.adapters.fastcheck.check_fast` decides, on a probe, before use).
+N rows (:mod:`causalnet.adapters.tiling`); anything else that differs (or a block that gets no
+transformers Cache) is refused with the reason, and the adapter falls back to
+:func:`causalnet.adapters.trace.reforward_patch` (:func:`causalnet.adapters.fastpatch.
+check_fast` decides, on a probe, before use).
+
+Two forwards per prompt are saved where they can be: the one-prompt clean run keeps the model's
+cache of the earlier positions (:func:`causalnet.adapters.frozencache.prefix_cache`), so the
+capture runs the token at t only; and once two different prompts of one length were seen to
+give the blocks bit-identical arguments at t (:func:`arguments_by_length`), a later prompt of
+that length takes them from the first, with its own cache and clean values, and runs no forward.
 """
 
 from __future__ import annotations
