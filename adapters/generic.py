@@ -8,7 +8,9 @@ and runs everything through the model's OWN forward with hooks on the found modu
 - site values: ``embed`` = the first block's input; ``attn.l`` = alpha_l * (the attention
   part's output); ``mlp.l`` = beta_l * (the MLP part's output); ``attn.l.hH`` = alpha_l * head
   H's term of the output projection (:mod:`causalnet.adapters.heads`), or under a norm after
-  the attention its share of attn.l at the run's own post-norm scale;
+  the attention its share of attn.l at the run's own post-norm scale; in a model of one-part
+  blocks (Mamba) ``mixer.l`` = gamma_l * (the mixer's output) (:mod:`causalnet.adapters.
+  onepart`);
 - do(site = v) at position t replaces that output at t (by v / alpha_l); a head's term is
   replaced inside the output projection's output;
 - readouts at each run's own frozen final scale (docs/conventions.md, "Which sigma") with the
@@ -20,8 +22,10 @@ at the final position only, against the clean run's own cache, all rows in one b
 as the layers go up (:mod:`causalnet.adapters.fastpatch`, :mod:`causalnet.adapters.replay`);
 before use it is checked against the hooked re-forward of the whole prompt on a probe, and where
 it cannot be used (``fast_refusal`` says why) patching is that re-forward
-(:func:`causalnet.adapters.trace.reforward_patch`). The hooks are global to the modules, so one
-adapter runs one forward at a time (a lock).
+(:func:`causalnet.adapters.trace.reforward_patch`). A model of one-part recurrent blocks is
+replayed at t from its own conv / SSM states instead (:mod:`causalnet.adapters.recurrent`),
+checked the same way. The hooks are global to the modules, so one adapter runs one forward at a
+time (a lock).
 """
 
 from __future__ import annotations
