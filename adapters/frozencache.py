@@ -33,6 +33,8 @@ class FrozenCache(Cache):
         self.__dict__["_prefix"] = prefix
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("update_"):  # another state the model writes at t (e.g. an indexer)
+            _refuse_update(name)
         return getattr(self.__dict__["_base"], name)
 
     def update(
@@ -47,6 +49,26 @@ class FrozenCache(Cache):
             torch.cat([k.expand(n, *k.shape[1:]), key_states], dim=-2),
             torch.cat([v.expand(n, *v.shape[1:]), value_states], dim=-2),
         )
+
+
+def _refuse_update(name: str) -> None:
+    raise UnsupportedModelError(
+        f"the model calls its cache's {name}: a state besides keys and values that each step "
+        "extends (e.g. a sparse-attention indexer's keys), which the final-position replay does "
+        "not freeze"
+    )
+
+
+def _refusing(name: str) -> Any:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_update(name)
+
+    return method
+
+
+# the cache class's other update methods would extend the frozen clean cache in place: refused
+for _name in [n for n in dir(Cache) if n.startswith("update_")]:
+    setattr(FrozenCache, _name, _refusing(_name))
 
 
 def is_cache(x: Any) -> bool:

@@ -208,3 +208,14 @@ def test_a_cache_holding_a_convolution_state_falls_back_with_the_reason():
     adapter = adapt(tiny_model("lfm3"), generic=True)
     assert adapter.fast_refusal is not None and "convolution" in adapter.fast_refusal
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
+
+
+def test_a_cache_state_besides_keys_and_values_is_refused_not_extended():
+    """DeepSeek-V3.2's sparse-attention indexer extends its own keys in the cache at each step
+    (``update_indexer``): the replay would extend the frozen clean cache in place, so the fast
+    path is refused naming the method, and patching is by re-forwards."""
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    adapter = adapt(tiny_model("deepseek_v32"), generic=True)
+    assert adapter.fast_refusal is not None and "update_indexer" in adapter.fast_refusal
+    assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
