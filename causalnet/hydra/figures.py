@@ -76,9 +76,10 @@ def make_all(
     ``<results_dir>/figures``) and return their paths:
 
     - ``fig1_prompt.png``: the first prompt that kept per-patch rows (else the first prompt),
-      ablating its attention site with the largest clean direct effect;
+      ablating its attention site (mixer, in a model of one-part blocks) with the largest clean
+      direct effect (no Figures 1 and 3 in a model of MLPs only);
     - ``fig2_direct_vs_total.png``, ``fig3_examples.png`` (up to 4 prompts with the largest
-      attention direct effects, each ablating that site), ``fig7_compensation.png``,
+      attention (mixer) direct effects, each ablating that site), ``fig7_compensation.png``,
       ``fig8_response_split.png``;
     - ``fig_repair_patches.png`` when the folder kept per-patch effects
       (:mod:`causalnet.hydra.figures_repair`).
@@ -139,10 +140,10 @@ def make_all(
 
 
 def _best_attention_ablations(effects: pd.DataFrame) -> dict[Any, str]:
-    """Per prompt, its ablated attention site with the largest clean direct effect; prompts
-    ordered by that effect, largest first."""
+    """Per prompt, its ablated attention site (a mixer in a model of one-part blocks) with the
+    largest clean direct effect; prompts ordered by that effect, largest first."""
     kinds = layer_kinds(effects)
-    if not kinds or kinds[0] not in ("attn", "head"):  # no attention (MLPs only, or mixers)
+    if not kinds or kinds[0] not in ("attn", "head", "mixer"):  # no attention: MLPs only
         return {}
     rows = effects[effects["kind"] == kinds[0]]
     top = rows.loc[rows.groupby("prompt_id", sort=False)["direct_effect"].idxmax()]

@@ -1,8 +1,9 @@
 """Figures 1 and 3: one prompt's direct effect per layer, clean and with one site ablated.
 
 Per-prompt curves sum the heads of a layer (exact for direct effects: ``attn.l = sum_H
-attn.l.hH``); attention and MLP panels; faint lines are the single patches when a results
-folder kept them. Re-exported by :mod:`causalnet.hydra.figures`.
+attn.l.hH``); attention and MLP panels (one mixer panel in a model of one-part blocks, Mamba);
+faint lines are the single patches when a results folder kept them. Re-exported by
+:mod:`causalnet.hydra.figures`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ from .figures_style import (
 )
 from .tables import site_sort_key
 
+PANEL_TITLE = {"attn": "attention", "mlp": "MLP", "mixer": "mixer"}
+
+
+def panels_of(readouts: pd.DataFrame) -> tuple[str, ...]:
+    """The panels of Figures 1 and 3: ("attn", "mlp"), or ("mixer",) in a model whose readout
+    sites are mixers (one-part blocks)."""
+    names = pd.unique(readouts["readout_site"])
+    return ("mixer",) if any(parse_site(s).kind == "mixer" for s in names) else ("attn", "mlp")
+
 
 def _prompt_curves(
     readouts: pd.DataFrame,
@@ -37,8 +47,8 @@ def _prompt_curves(
     prompt_id: Any,
     ablated_site: str,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per panel ("attn", "mlp"): layers, clean and mean-ablated direct effects, and the
-    per-patch ablated direct effects [n_patches, n_layers] (empty without patches)."""
+    """Per panel ("attn", "mlp"; or "mixer"): layers, clean and mean-ablated direct effects,
+    and the per-patch ablated direct effects [n_patches, n_layers] (empty without patches)."""
     rows = readouts[
         (readouts["prompt_id"] == prompt_id) & (readouts["ablated_site"] == ablated_site)
     ]
@@ -60,8 +70,8 @@ def _prompt_curves(
             )
     has_attn_layers = any(s.kind == "attn" for s in sites.values())
     out = {}
-    for panel in ("attn", "mlp"):
-        kinds = {panel} if panel == "mlp" or has_attn_layers else {"head"}
+    for panel in panels_of(rows):
+        kinds = {panel} if panel != "attn" or has_attn_layers else {"head"}
         chosen = [name for name, s in sites.items() if s.kind in kinds]
         if not chosen:
             continue
@@ -96,7 +106,7 @@ def _draw_prompt(
     marked = sorted(
         {m.layer for m in ablated.members} if isinstance(ablated, SiteSet) else {ablated.layer}
     )
-    for ax, panel in zip(axes, ("attn", "mlp"), strict=True):
+    for ax, panel in zip(axes, panels_of(readouts), strict=True):
         c = curves.get(panel)
         if c is None:
             empty_panel(ax, f"no {KIND_LABEL[panel]} read out")
@@ -117,7 +127,7 @@ def _draw_prompt(
             if layer >= 0:
                 ax.axvline(layer, color="black", linestyle="--", linewidth=1)
         ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_title(f"{'attention' if panel == 'attn' else 'MLP'} direct effects")
+        ax.set_title(f"{PANEL_TITLE[panel]} direct effects")
         layer_axis(ax, "layer")
         ax.set_ylabel(f"direct effect on target ({UNIT})")
         ax.legend(fontsize=7, loc="best")
@@ -136,7 +146,7 @@ def plot_prompt(
     (blue) and after ablating ``ablated_site`` (solid red: the mean over patches of Eq 13's
     ablated direct effects; faint red: each patch, when ``patches`` holds this prompt's
     per-patch rows); dashed line at the ablated layer (a set of sites: at each member's).
-    Attention and MLP panels. Returns path.
+    Attention and MLP panels (a mixer panel in a model of one-part blocks). Returns path.
     """
     return save_figure(figure_prompt(readouts, prompt_id, ablated_site, patches, title), path)
 
@@ -149,8 +159,9 @@ def figure_prompt(
     title: str | None = None,
 ) -> Figure:
     """:func:`plot_prompt`'s figure, not saved."""
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    axes = fig.subplots(1, 2)
+    n_panels = len(panels_of(readouts))
+    fig = Figure(figsize=(5.5 * n_panels, 4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n_panels))
     _draw_prompt(axes, readouts, patches, prompt_id, ablated_site)
     fig.suptitle(title or f"prompt {prompt_id!r}: ablating {ablated_site}", fontsize=10)
     return fig
@@ -178,10 +189,13 @@ def figure_examples(
     """:func:`plot_examples`' figure, not saved."""
     if not examples:
         raise ResultsError("plot_examples needs at least one (prompt id, ablated site)")
-    fig = Figure(figsize=(11, 3.2 * len(examples)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(examples), 2))
+    panels = panels_of(readouts)
+    fig = Figure(figsize=(5.5 * len(panels), 3.2 * len(examples)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(examples), len(panels), squeeze=False))
     for i, (pid, site) in enumerate(examples):
         _draw_prompt(axes[i], readouts, patches, pid, site)
         label = titles[i] if titles else f"prompt {pid!r}"
-        axes[i][0].set_title(f"{label}: ablating {site}\nattention direct effects", fontsize=9)
+        axes[i][0].set_title(
+            f"{label}: ablating {site}\n{PANEL_TITLE[panels[0]]} direct effects", fontsize=9
+        )
     return fig

@@ -176,5 +176,25 @@ def test_report_and_plot_run_on_a_mamba_folder(swept, capsys):
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert {"fig2_direct_vs_total.png", "fig7_compensation.png"} <= figures
     assert {"fig8_response_split.png", "fig_repair_patches.png"} <= figures
+    assert {"fig1_prompt.png", "fig3_examples.png"} <= figures  # one mixer panel each
     summary = pd.read_parquet(out / "effects.parquet")
     assert summary["kind"].eq("mixer").all()
+
+
+def test_figure_prompt_of_a_mamba_run_draws_one_mixer_panel_of_its_numbers(swept):
+    from causalnet.hydra.figures import figure_prompt  # noqa: PLC0415
+
+    out, _, _ = swept
+    readouts = ResultsStore(out).load_readouts()
+    pid = readouts["prompt_id"].iloc[0]
+    fig = figure_prompt(readouts, pid, "mixer.1")
+    axes = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(axes) == 1 and axes[0].get_title() == "mixer direct effects"
+    rows = readouts[(readouts["prompt_id"] == pid) & (readouts["ablated_site"] == "mixer.1")]
+    rows = rows[rows["readout_site"].str.startswith("mixer.")]
+    by_layer = rows.assign(layer=rows["readout_site"].str.split(".").str[1].astype(int))
+    by_layer = by_layer.sort_values("layer")
+    lines = {ln.get_label(): ln for ln in axes[0].get_lines()}
+    np.testing.assert_allclose(lines["clean"].get_ydata(), by_layer["direct_effect_clean"])
+    ablated = next(ln for name, ln in lines.items() if name.startswith("mixer.1 ablated"))
+    np.testing.assert_allclose(ablated.get_ydata(), by_layer["direct_effect_ablated"])
