@@ -26,11 +26,19 @@ from causalnet.errors import UnsupportedModelError
 class FrozenCache(Cache):
     """The clean run's cache, frozen: ``update(k, v, layer)`` returns the captured earlier keys
     and values (batch 1, expanded to the rows) followed by the rows' own ``k``, ``v``, and
-    stores nothing. Every other attribute is the prefix cache's (as the model saw it)."""
+    stores nothing; ``update_indexer(k, layer)`` likewise for a sparse-attention indexer's keys
+    (sequence on dimension 1). Every other attribute is the prefix cache's (as the model saw
+    it); its other ``update_*`` methods are refused."""
 
-    def __init__(self, base: Any, prefix: dict[int, tuple[Tensor, Tensor]]) -> None:
+    def __init__(
+        self,
+        base: Any,
+        prefix: dict[int, tuple[Tensor, Tensor]],
+        indexer: dict[int, Tensor] | None = None,
+    ) -> None:
         self.__dict__["_base"] = base
         self.__dict__["_prefix"] = prefix
+        self.__dict__["_indexer"] = indexer or {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("update_"):  # another state the model writes at t (e.g. an indexer)
@@ -50,6 +58,13 @@ class FrozenCache(Cache):
             torch.cat([v.expand(n, *v.shape[1:]), value_states], dim=-2),
         )
 
+    def update_indexer(self, key_states: Tensor, layer_idx: int) -> Tensor:
+        indexer = self.__dict__["_indexer"]
+        if layer_idx not in indexer:
+            _refuse_update("update_indexer")
+        k = indexer[layer_idx]
+        return torch.cat([k.expand(key_states.shape[0], *k.shape[1:]), key_states], dim=1)
+
 
 def _refuse_update(name: str) -> None:
     raise UnsupportedModelError(
@@ -67,7 +82,7 @@ def _refusing(name: str) -> Any:
 
 
 # the cache class's other update methods would extend the frozen clean cache in place: refused
-for _name in [n for n in dir(Cache) if n.startswith("update_")]:
+for _name in [n for n in dir(Cache) if n.startswith("update_") and n not in vars(FrozenCache)]:
     setattr(FrozenCache, _name, _refusing(_name))
 
 

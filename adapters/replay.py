@@ -61,6 +61,7 @@ class Capture:
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
     prefix: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    indexer: dict[int, Tensor] = field(default_factory=dict)  # a sparse-attention indexer's keys
     cache: Any = None  # the prefix cache before position t (a copy)
     pre: Tensor | None = None
     attn: Tensor | None = None
@@ -126,6 +127,21 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
 
         return wrapped
 
+    def recording_indexer(cache: Any) -> Callable:
+        update = type(cache).update_indexer
+
+        def wrapped(k: Tensor, layer_idx: int) -> Tensor:
+            keys = update(cache, k, layer_idx)
+            if layer_idx in cap.indexer or not torch.equal(keys[:, -1:], k):
+                raise UnsupportedModelError(
+                    f"the indexer cache of layer {layer_idx} was updated twice or does not "
+                    "return the new keys last"
+                )
+            cap.indexer[layer_idx] = keys[:1, :-1].clone()
+            return keys
+
+        return wrapped
+
     def block_pre(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             caches = [x for x in (*args, *kwargs.values()) if is_cache(x)]
@@ -138,6 +154,8 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
                 live["cache"] = caches[0]
                 cap.cache = copy.deepcopy(caches[0])
                 caches[0].update = recording_update(caches[0])
+                if hasattr(caches[0], "update_indexer"):  # a sparse-attention indexer's keys
+                    caches[0].update_indexer = recording_indexer(caches[0])
             elif caches[0] is not live["cache"]:
                 raise UnsupportedModelError(f"block {p.block_names[layer]} gets another cache")
             x = hidden_in(args, kwargs)
@@ -186,6 +204,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
             hooks.check()
     if "cache" in live:
         del live["cache"].update  # the instance attribute; the class's method is back
+        live["cache"].__dict__.pop("update_indexer", None)
     cap.pre, cap.attn, cap.mlp = (torch.stack(vals[k]) for k in ("pre", "attn", "mlp"))
     return cap
 
@@ -210,7 +229,7 @@ class BlockCalls:
         self.adapter = adapter
         self.blocks = adapter.parts.blocks
         self.modes = modes
-        self.cache = FrozenCache(one.cache, one.prefix)
+        self.cache = FrozenCache(one.cache, one.prefix, one.indexer)
 
     def __call__(self, layer: int, resid: Tensor) -> Tensor:
         """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
