@@ -63,6 +63,15 @@ class CoverageRow:
     adapter: str  # the adapter class that handled it ("" if none)
     patch_error: float | None  # worst patch-vs-oracle difference found (relative)
     seconds: float
+    patching: str = ""  # how patches are computed (:func:`patching_of`); "" if it does not work
+
+
+def patching_of(adapter: object) -> str:
+    """How ``adapter`` computes patches: ``fast`` (its final position replayed, the hand-written
+    families' cached path or a discovered model's own blocks / recurrent states, checked on a
+    probe) or ``re-forward: <why>`` (the exact hooked re-forward of the whole prompt)."""
+    refusal = getattr(adapter, "fast_refusal", None)
+    return "fast" if refusal is None else f"re-forward: {_short(str(refusal), 160)}"
 
 
 def _short(err: BaseException, limit: int = 300) -> str:
@@ -75,9 +84,12 @@ def walk_one(model_type: str, seed: int = 0) -> CoverageRow:
     start = time.perf_counter()
     class_name = causal_lm_types()[model_type]
 
+    patching = ""
+
     def row(status: str, reason: str = "", adapter: str = "", err: float | None = None):
         took = round(time.perf_counter() - start, 2)
-        return CoverageRow(model_type, class_name, status, reason, adapter, err, took)
+        how = patching if status in WORKS else ""
+        return CoverageRow(model_type, class_name, status, reason, adapter, err, took, how)
 
     why = scope(model_type)
     if why is not None:
@@ -102,6 +114,7 @@ def walk_one(model_type: str, seed: int = 0) -> CoverageRow:
         return row("error", f"adapt raised {type(e).__name__}: {_short(e)}")
     name = type(adapter).__name__
     try:
+        patching = patching_of(adapter)
         worst = patch_error(adapter, tokens, "layer")
         try:
             adapter.clean_run(tokens, granularity="head")
@@ -222,11 +235,17 @@ def render_table(record: dict) -> str:
         f"**{n['works']}** ({classes} distinct classes) |",
     ]
     lines += [f"| {s} | {k} |" for s, k in n.items() if s not in ("works", "in scope")]
-    lines += [f"| in scope (all but out of scope) | {n['in scope']} |", ""]
-    lines += ["| model type | class | status | reason |", "| --- | --- | --- | --- |"]
+    lines += [f"| in scope (all but out of scope) | {n['in scope']} |"]
+    fast = sum(r.patching == "fast" for r in rows if r.status in WORKS)
+    lines += [f"| of those that work: patched at the final position (fast) | {fast} |", ""]
+    lines += [
+        "| model type | class | status | patching | reason |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         reason = r.reason.replace("|", "\\|")
-        lines.append(f"| `{r.model_type}` | {r.model_class} | {r.status} | {reason} |")
+        how = r.patching.replace("|", "\\|")
+        lines.append(f"| `{r.model_type}` | {r.model_class} | {r.status} | {how} | {reason} |")
     return "\n".join(lines) + "\n"
 
 

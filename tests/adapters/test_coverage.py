@@ -132,6 +132,11 @@ def test_every_causal_lm_type_works_or_is_refused_with_a_named_reason(model_type
         assert row.status == recorded["status"], (
             "the recorded coverage is stale: rerun python -m causalnet.adapters.coverage"
         )
+        if row.status in WORKS:  # fast patching or the re-forward, as recorded
+            assert (row.patching == "fast") == (recorded.get("patching") == "fast"), (
+                row.patching,
+                recorded.get("patching"),
+            )
 
 
 @pytest.mark.parametrize("model_type", [_case(mt, False, GOAL_GAPS) for mt in GOAL])
@@ -161,8 +166,10 @@ def test_readme_and_coverage_md_are_rendered_from_the_recorded_run():
 
 def test_render_table_counts_each_status_and_lists_each_row():
     rows = [
-        CoverageRow("a", "A", "works (heads)", "", "X", 0.0, 0.1),
-        CoverageRow("b", "B", "layer granularity only", "norm after attention", "X", 0.0, 0.1),
+        CoverageRow("a", "A", "works (heads)", "", "X", 0.0, 0.1, "fast"),
+        CoverageRow(
+            "b", "B", "layer granularity only", "norm after attention", "X", 0.0, 0.1, "re-forward"
+        ),
         CoverageRow("c", "C", "refused", "block c.0: Eq 21 off by 1e-1", "", None, 0.1),
         CoverageRow("d", "D", "out of scope", "encoder-decoder | multimodal", "", None, 0.1),
     ]
@@ -172,7 +179,9 @@ def test_render_table_counts_each_status_and_lists_each_row():
         "| **works** (exact: identities and patching vs the hooked re-forward) | **2** (2 " in text
     )
     assert "| refused | 1 |" in text and "| in scope (all but out of scope) | 3 |" in text
-    assert "| `d` | D | out of scope | encoder-decoder \\| multimodal |" in text
+    assert "| `d` | D | out of scope |  | encoder-decoder \\| multimodal |" in text
+    assert "| of those that work: patched at the final position (fast) | 1 |" in text
+    assert "| `b` | B | layer granularity only | re-forward | norm after attention |" in text
 
 
 # ---- the tiny configs ------------------------------------------------------------------------
