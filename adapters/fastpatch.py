@@ -29,16 +29,20 @@ from torch import Tensor, nn
 from causalnet.errors import CausalNetError, UnsupportedModelError
 from causalnet.sites import Site
 
-from .base import CleanRun, PatchedRun, accumulation_dtype, vocab_mean
+from .base import CleanRun, PatchedRun, accumulation_dtype
+from .finalrows import (
+    MODULE_ERRORS,
+    centred_from_final,
+    probe_values,
+    relative_difference,
+    unsorted_run,
+)
 from .frozencache import prefix_of
 from .heads import head_dots, head_term
 from .hooks import HookSet, first, with_first
-from .replay import block_calls, fast_linears
+from .linears import fast_linears
+from .replay import block_calls
 from .trace import reforward_patch
-
-#: Errors a model's own modules may raise on arguments they were not made for; caught only by
-#: :func:`check_fast`, which records them as the reason to fall back.
-MODULE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)
 
 
 class _Layer:
@@ -198,31 +202,8 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
         hooks.check(ran)
         sigma = adapter.final_scale(z)
         direct = num / sigma[:, None]
-        centred = _centred(adapter, z, clean.target)
-    inv = torch.argsort(order_t)
-    n_read = len(clean.readout_sites)
-    centred = centred.view(n_sites, n_patch)[inv]
-    return PatchedRun(
-        sites=[s.name for s in parsed],
-        readout_sites=list(clean.readout_sites),
-        direct_effects=direct.view(n_sites, n_patch, n_read)[inv],
-        sigma=sigma.view(n_sites, n_patch)[inv],
-        centred_logit=centred,
-        total_effect=centred - clean.centred_logit,
-    )
-
-
-def _centred(adapter: Any, z: Tensor, token: int) -> Tensor:
-    """The centred logit of ``token`` (before any cap) from final residuals z [N, d]: the model's
-    final norm module, then s * (the unembedding row of ``token`` - the mean row) and bias."""
-    ro, norm = adapter.parts.readout, adapter.parts.final_norm
-    acc = accumulation_dtype(z.dtype)
-    x = z if norm.module is None else norm.module(z[:, None])[:, 0]
-    u = (ro.weight[token] - vocab_mean(ro.weight)).to(acc)
-    out = x.to(acc) @ u
-    if ro.bias is not None:
-        out = out + (ro.bias[token].to(acc) - ro.bias.to(acc).mean())
-    return out * ro.logit_scale
+        centred = centred_from_final(adapter, z, clean.target)
+    return unsorted_run(parsed, clean, order_t, direct, sigma, centred)
 
 
 def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) -> tuple:
@@ -247,20 +228,13 @@ def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) 
             last = adapter.arch.n_layers - 1
             sites = [s for s in sites if s.startswith(("attn.0.", f"attn.{last}."))]
         parsed = [adapter.site(s) for s in sites]
-        base = torch.stack([clean.value(s) for s in sites]).double()
-        noise = torch.randn(len(sites), n_patches, base.shape[-1], generator=gen).double()
-        scale = base.abs().amax(-1, keepdim=True)[:, None]
-        values = (base[:, None] + noise * scale).to(adapter.dtype).to(adapter.device)
+        values = probe_values(adapter, clean, sites, n_patches, gen)
         want = reforward_patch(adapter, clean, parsed, values)
         try:
             got = fast_patch(adapter, clean, parsed, values)
         except (UnsupportedModelError, *MODULE_ERRORS) as err:
             return f"fast patching failed on the probe: {type(err).__name__}: {err}", None
-        diff = max(
-            float((got.centred_logit - want.centred_logit).abs().max()),
-            float((got.sigma - want.sigma).abs().max()),
-            float((got.direct_effects - want.direct_effects).abs().max()),
-        ) / max(1.0, abs(clean.centred_logit))
+        diff = relative_difference(got, want, clean)
         worst = max(worst, diff)
         if diff > atol:
             return (

@@ -173,7 +173,8 @@ class GenericAdapter(ResidualAdapter):
         at = torch.tensor(ts, device=self.device)
         # one prompt: the model's own cache of its earlier positions is kept for fast patching
         single = len(toks) == 1
-        with fast_linears(self.parts.blocks):
+        # under the lock: the kernels are swapped into the modules for this forward only
+        with self._lock, fast_linears(self.parts.blocks):
             tr = self.record(
                 padded,
                 at=at,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import inspect
 from typing import Any
 
 import torch
@@ -47,18 +46,22 @@ from transformers.cache_utils import Cache
 from causalnet.errors import CausalNetError, UnsupportedModelError
 from causalnet.sites import Site
 
+from .finalrows import (
+    MODULE_ERRORS,
+    centred_from_final,
+    forward_last,
+    probe_values,
+    relative_difference,
+    unsorted_run,
+)
 from .hooks import HookSet, first, hidden_in
-from .readout import accumulation_dtype, vocab_mean
+from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
+from .tiling import CACHE, HIDDEN
 from .trace import reforward_patch
 
-#: Errors a model's own modules may raise on arguments they were not made for; caught only by
-#: :func:`check_recurrent`, which records them as the reason to fall back.
-MODULE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)
 _STATES = ("conv_states", "recurrent_states")
 MARGIN = 10  # the probe check's margin below the patching tolerance
-_HIDDEN = object()  # where a block's hidden-state input goes in its recorded arguments
-_CACHE = object()  # where the cache goes
 
 
 def _find_cache(out: Any) -> Cache:
@@ -88,15 +91,9 @@ def _state_layers(cache: Cache, n_layers: int) -> list[Any]:
     return layers
 
 
-def _forward(model: nn.Module, **kwargs: Any) -> Any:
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    return model(**kwargs)
-
-
 def _mark(x: Any, live: Any) -> Any:
     if x is live:
-        return _CACHE
+        return CACHE
     if isinstance(x, Tensor):
         raise UnsupportedModelError(
             "a block is called with a tensor besides its hidden state; the replay passes none"
@@ -105,12 +102,12 @@ def _mark(x: Any, live: Any) -> Any:
 
 
 def _fill(x: Any, hidden: Tensor, cache: Any) -> Any:
-    return hidden if x is _HIDDEN else cache if x is _CACHE else x
+    return hidden if x is HIDDEN else cache if x is CACHE else x
 
 
 class Prefix:
     """The model's own states after t - 1 (``cache``, None at t = 0) and how it calls each block
-    at t (``args`` / ``kwargs`` with ``_HIDDEN`` / ``_CACHE`` placeholders)."""
+    at t (``args`` / ``kwargs`` with ``HIDDEN`` / ``CACHE`` placeholders)."""
 
     def __init__(self, adapter: Any, prompt: Tensor) -> None:
         p = adapter.parts
@@ -119,7 +116,7 @@ class Prefix:
         step: dict[str, Any] = {"use_cache": True}
         with torch.no_grad():
             if prompt.shape[0] > 1:
-                out = _forward(model, input_ids=prompt[None, :-1], use_cache=True)
+                out = forward_last(model, input_ids=prompt[None, :-1], use_cache=True)
                 self.cache = _find_cache(out)
                 self.layers = _state_layers(self.cache, p.n_layers)
                 step["cache"] = copy.deepcopy(self.cache)  # the step below updates it
@@ -130,9 +127,9 @@ class Prefix:
                 def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                     x = hidden_in(args, kwargs)
                     live = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), 0)
-                    self.args[layer] = tuple(_HIDDEN if a is x else _mark(a, live) for a in args)
+                    self.args[layer] = tuple(HIDDEN if a is x else _mark(a, live) for a in args)
                     self.kwargs[layer] = {
-                        k: _HIDDEN if v is x else _mark(v, live) for k, v in kwargs.items()
+                        k: HIDDEN if v is x else _mark(v, live) for k, v in kwargs.items()
                     }
 
                 return hook
@@ -140,7 +137,7 @@ class Prefix:
             with HookSet() as hooks:
                 for layer in range(p.n_layers):
                     hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
-                _forward(model, input_ids=prompt[None, -1:], **step)
+                forward_last(model, input_ids=prompt[None, -1:], **step)
                 hooks.check()
 
     def rows_cache(self, cache: Any, layer: int, n: int) -> Any:
@@ -165,18 +162,6 @@ class Prefix:
         if out is None or out.shape != hidden.shape:
             raise UnsupportedModelError(f"block {layer} returned no [N, 1, d] hidden state")
         return out
-
-
-def _centred(adapter: Any, z: Tensor, token: int) -> Tensor:
-    """The centred logit of ``token`` (before any cap) from final residuals z [N, d]."""
-    ro, norm = adapter.parts.readout, adapter.parts.final_norm
-    acc = accumulation_dtype(z.dtype)
-    x = z if norm.module is None else norm.module(z[:, None])[:, 0]
-    u = (ro.weight[token] - vocab_mean(ro.weight)).to(acc)
-    out = x.to(acc) @ u
-    if ro.bias is not None:
-        out = out + (ro.bias[token].to(acc) - ro.bias.to(acc).mean())
-    return out * ro.logit_scale
 
 
 def recurrent_patch(
@@ -233,17 +218,8 @@ def recurrent_patch(
         hooks.check(ran)
         sigma = adapter.final_scale(z)
         direct = num / sigma[:, None]
-        centred = _centred(adapter, z, clean.target)
-    inv = torch.argsort(order_t)
-    centred = centred.view(n_sites, n_patch)[inv]
-    return PatchedRun(
-        sites=[s.name for s in parsed],
-        readout_sites=list(clean.readout_sites),
-        direct_effects=direct.view(n_sites, n_patch, -1)[inv],
-        sigma=sigma.view(n_sites, n_patch)[inv],
-        centred_logit=centred,
-        total_effect=centred - clean.centred_logit,
-    )
+        centred = centred_from_final(adapter, z, clean.target)
+    return unsorted_run(parsed, clean, order_t, direct, sigma, centred)
 
 
 def check_recurrent(
@@ -257,20 +233,13 @@ def check_recurrent(
     sites = adapter.sites("layer")
     parsed = [adapter.site(s) for s in sites]
     gen = torch.Generator().manual_seed(seed)
-    base = torch.stack([clean.value(s) for s in sites]).double()
-    noise = torch.randn(len(sites), n_patches, base.shape[-1], generator=gen).double()
-    scale = base.abs().amax(-1, keepdim=True)[:, None]
-    values = (base[:, None] + noise * scale).to(adapter.dtype).to(adapter.device)
+    values = probe_values(adapter, clean, sites, n_patches, gen)
     want = reforward_patch(adapter, clean, parsed, values)
     try:
         got = recurrent_patch(adapter, clean, parsed, values)
     except (CausalNetError, *MODULE_ERRORS) as err:
         return f"the recurrent replay failed on the probe: {type(err).__name__}: {err}", None
-    diff = max(
-        float((got.centred_logit - want.centred_logit).abs().max()),
-        float((got.sigma - want.sigma).abs().max()),
-        float((got.direct_effects - want.direct_effects).abs().max()),
-    ) / max(1.0, abs(clean.centred_logit))
+    diff = relative_difference(got, want, clean)
     if diff > atol:
         return (
             f"the model's own single-step recurrence disagrees with its full forward on the "

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from causalnet.errors import UnsupportedModelError
 
+from .finalrows import forward_last
 from .frozencache import FrozenCache, check_kv_only, is_cache
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .linears import fast_linears
@@ -76,14 +77,6 @@ def _cache_keyword(model: nn.Module) -> str:
     raise UnsupportedModelError(
         f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
     )
-
-
-def _forward(model: nn.Module, **kwargs: Any) -> Any:
-    """``model(**kwargs)`` with the logits of the last position only where it takes
-    ``logits_to_keep`` (the capture needs none)."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    return model(**kwargs)
 
 
 def _mark(x: Any, live: Any) -> Any:
@@ -181,7 +174,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
         if prefix is not None and batch == 1 and prompt.shape[0] > 1:
             kwargs[key] = copy.deepcopy(prefix)
         elif prompt.shape[0] > 1:
-            out = _forward(model, input_ids=toks[:, :-1], use_cache=True)
+            out = forward_last(model, input_ids=toks[:, :-1], use_cache=True)
             cache = out.get(key) if hasattr(out, "get") else None
             if not is_cache(cache):
                 raise UnsupportedModelError(
@@ -200,7 +193,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
                 hooks.part(
                     p.blocks[layer], p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer])
                 )
-            _forward(model, input_ids=toks[:, -1:], **kwargs)
+            forward_last(model, input_ids=toks[:, -1:], **kwargs)
             hooks.check()
     if "cache" in live:
         del live["cache"].update  # the instance attribute; the class's method is back

@@ -1,0 +1,99 @@
+"""What the two final-position replays of a discovered model share.
+
+:func:`causalnet.adapters.fastpatch.fast_patch` (blocks against a frozen key/value cache) and
+:func:`causalnet.adapters.recurrent.recurrent_patch` (blocks from recurrent states) both replay
+every (site, patch) row at the clean run's position t, sorted by the layer the row enters at,
+and both are checked on a probe against the hooked re-forward of the whole prompt before the
+adapter uses them. The pieces they have in common are here, once:
+
+- :func:`forward_last`: the model's own forward keeping the logits of its last position only;
+- :func:`centred_from_final`: the centred logit from final residuals, without the vocabulary
+  projection;
+- :func:`unsorted_run`: the :class:`PatchedRun` of rows computed in entry order;
+- :func:`probe_values` and :func:`relative_difference`: the probe's patch values, and how far a
+  replay is from the re-forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from causalnet.sites import Site
+
+from .readout import accumulation_dtype, vocab_mean
+from .records import CleanRun, PatchedRun
+
+#: Errors a model's own modules may raise on arguments they were not made for; caught only by
+#: the probe checks, which record them as the reason to fall back.
+MODULE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)
+
+
+def forward_last(model: nn.Module, **kwargs: Any) -> Any:
+    """``model(**kwargs)`` with the logits of the last position only where it takes
+    ``logits_to_keep`` (the replays need none)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
+
+
+def centred_from_final(adapter: Any, z: Tensor, token: int) -> Tensor:
+    """The centred logit of ``token`` (before any cap) from final residuals z [N, d]: the model's
+    final norm module, then s * (the unembedding row of ``token`` - the mean row) and bias."""
+    ro, norm = adapter.parts.readout, adapter.parts.final_norm
+    acc = accumulation_dtype(z.dtype)
+    x = z if norm.module is None else norm.module(z[:, None])[:, 0]
+    u = (ro.weight[token] - vocab_mean(ro.weight)).to(acc)
+    out = x.to(acc) @ u
+    if ro.bias is not None:
+        out = out + (ro.bias[token].to(acc) - ro.bias.to(acc).mean())
+    return out * ro.logit_scale
+
+
+def unsorted_run(
+    parsed: list[Site],
+    clean: CleanRun,
+    order: Tensor,
+    direct: Tensor,
+    sigma: Tensor,
+    centred: Tensor,
+) -> PatchedRun:
+    """The :class:`PatchedRun` of rows computed with the sites in ``order`` (row r = sorted site
+    r // P, patch r % P): direct effects [S P, R], sigma and centred logits [S P] back in the
+    callers' site order."""
+    n_sites, n_read = len(parsed), len(clean.readout_sites)
+    n_patch = sigma.numel() // n_sites
+    inv = torch.argsort(order)
+    centred = centred.view(n_sites, n_patch)[inv]
+    return PatchedRun(
+        sites=[s.name for s in parsed],
+        readout_sites=list(clean.readout_sites),
+        direct_effects=direct.view(n_sites, n_patch, n_read)[inv],
+        sigma=sigma.view(n_sites, n_patch)[inv],
+        centred_logit=centred,
+        total_effect=centred - clean.centred_logit,
+    )
+
+
+def probe_values(
+    adapter: Any, clean: CleanRun, sites: list[str], n_patches: int, gen: torch.Generator
+) -> Tensor:
+    """Patch values [S, P, d] for a probe: each site's clean value plus noise of its own scale
+    (seeded by ``gen``), in the model's dtype and device."""
+    base = torch.stack([clean.value(s) for s in sites]).double()
+    noise = torch.randn(len(sites), n_patches, base.shape[-1], generator=gen).double()
+    scale = base.abs().amax(-1, keepdim=True)[:, None]
+    return (base[:, None] + noise * scale).to(adapter.dtype).to(adapter.device)
+
+
+def relative_difference(got: PatchedRun, want: PatchedRun, clean: CleanRun) -> float:
+    """The largest difference of centred logits, sigmas and direct effects between two runs,
+    relative to max(1, |clean centred logit|)."""
+    return max(
+        float((got.centred_logit - want.centred_logit).abs().max()),
+        float((got.sigma - want.sigma).abs().max()),
+        float((got.direct_effects - want.direct_effects).abs().max()),
+    ) / max(1.0, abs(clean.centred_logit))
