@@ -32,6 +32,7 @@ from causalnet.sites import Site
 from .base import CleanRun, PatchedRun, accumulation_dtype
 from .finalrows import (
     MODULE_ERRORS,
+    cached_step_error,
     centred_from_final,
     probe_values,
     relative_difference,
@@ -239,7 +240,22 @@ def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) 
         if diff > atol:
             return (
                 f"fast patching disagrees with the hooked re-forward on the probe by {diff:.2e} "
-                f"({gran} granularity; tolerance {atol:g})",
+                f"({gran} granularity; tolerance {atol:g}){_own_step(adapter, tokens, atol)}",
                 diff,
             )
     return None, worst
+
+
+def _own_step(adapter: Any, tokens: Tensor, atol: float) -> str:
+    """Where the model's own cached decoding is itself off its full forward: saying so (the
+    replay computes the final position from the model's cache, as its decoding does)."""
+    try:
+        own = cached_step_error(adapter.model, tokens)
+    except MODULE_ERRORS:
+        return ""
+    if own is None or own <= atol:
+        return ""
+    return (
+        f"; the model's own cached decoding is off its full forward by {own:.2e} (the last "
+        "position's logits), so no replay from its cache can be exact"
+    )

@@ -11,7 +11,9 @@ adapter uses them. The pieces they have in common are here, once:
   projection;
 - :func:`unsorted_run`: the :class:`PatchedRun` of rows computed in entry order;
 - :func:`probe_values` and :func:`relative_difference`: the probe's patch values, and how far a
-  replay is from the re-forward.
+  replay is from the re-forward;
+- :func:`cached_step_error`: how far the model's own cached decoding is from its full forward
+  (where it is far, no replay from its cache can be exact, and the refusal says so).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from causalnet.sites import Site
 
@@ -97,3 +100,29 @@ def relative_difference(got: PatchedRun, want: PatchedRun, clean: CleanRun) -> f
         float((got.sigma - want.sigma).abs().max()),
         float((got.direct_effects - want.direct_effects).abs().max()),
     ) / max(1.0, abs(clean.centred_logit))
+
+
+def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
+    """How far the model's own cached decoding is from its full forward on ``tokens`` [T]
+    (T >= 2): the largest difference of the last position's logits between ``model(tokens)``
+    and ``model(tokens[:-1])`` followed by ``model(tokens[-1:])`` from the cache it returned,
+    relative to max(1, their largest magnitude). None where the model returns no cache."""
+    ids = tokens[None]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        cache = next(
+            (
+                v
+                for k in ("cache", "past_key_values", "cache_params")
+                if isinstance(v := out.get(k), Cache)
+            ),
+            None,
+        )
+        if cache is None:
+            return None
+        params = inspect.signature(model.forward).parameters
+        keyword = "cache" if "cache" in params else "past_key_values"
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: cache}).logits[0, -1]
+    scale = max(1.0, float(full.abs().max()))
+    return float((full.double() - step.double()).abs().max()) / scale

@@ -4,10 +4,19 @@
 before t (:mod:`causalnet.adapters.replay`); :func:`prefix_cache` cuts the cache of a clean
 forward over 0..t back to 0..t-1, and :func:`remember_prefix` keeps it with its clean run, so
 the replay needs no forward of the prefix of its own.
+
+A hybrid's linear-attention / convolution / state-space layers (transformers'
+``LinearAttentionCacheLayerMixin``: a Qwen3-Next gated delta net, an LFM short convolution, a
+Jamba or Bamba Mamba layer) keep states, not keys: the state after t - 1 is everything such a
+layer reads of the earlier positions, and each step updates it in place. Before block l runs on
+n rows, :meth:`FrozenCache.rows` gives layer l a copy of its clean states expanded to the n
+rows, which the model's own step then reads and updates through the cache's own methods
+(``get_conv_state``, ``update_conv_state``, ``update_recurrent_state``): each row its own.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
@@ -18,6 +27,7 @@ from transformers.cache_utils import (
     CacheLayerMixin,
     DynamicLayer,
     DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
 )
 
 from causalnet.errors import UnsupportedModelError
@@ -27,8 +37,9 @@ class FrozenCache(Cache):
     """The clean run's cache, frozen: ``update(k, v, layer)`` returns the captured earlier keys
     and values (batch 1, expanded to the rows) followed by the rows' own ``k``, ``v``, and
     stores nothing; ``update_indexer(k, layer)`` likewise for a sparse-attention indexer's keys
-    (sequence on dimension 1). Every other attribute is the prefix cache's (as the model saw
-    it); its other ``update_*`` methods are refused."""
+    (sequence on dimension 1). A state layer is the rows' own copy once :meth:`rows` made it
+    (module docstring). Every other attribute is the prefix cache's (as the model saw it); its
+    other ``update_*`` methods are refused."""
 
     def __init__(
         self,
@@ -39,6 +50,35 @@ class FrozenCache(Cache):
         self.__dict__["_base"] = base
         self.__dict__["_prefix"] = prefix
         self.__dict__["_indexer"] = indexer or {}
+        self.__dict__["_rows"] = {}  # layer -> the rows' copy of its clean states
+
+    @property
+    def layers(self) -> list[Any]:  # type: ignore[override]
+        """The prefix cache's layers, a state layer replaced by the rows' copy of it."""
+        rows = self.__dict__["_rows"]
+        base = getattr(self.__dict__["_base"], "layers", None) or []
+        return [rows.get(i, layer) for i, layer in enumerate(base)]
+
+    def rows(self, layer_idx: int, n: int) -> None:
+        """Before block ``layer_idx`` runs on ``n`` rows: if its cache layer keeps states, the
+        rows' own copy of the clean ones (batch 1 expanded to n; see the module docstring)."""
+        base = getattr(self.__dict__["_base"], "layers", None) or []
+        if layer_idx < len(base) and isinstance(base[layer_idx], LinearAttentionCacheLayerMixin):
+            self.__dict__["_rows"][layer_idx] = rows_copy(base[layer_idx], n, layer_idx)
+
+    def update_conv_state(self, conv_states: Tensor, layer_idx: int, *a: Any, **kw: Any) -> Any:
+        self._own_rows(layer_idx, "update_conv_state")
+        return Cache.update_conv_state(self, conv_states, layer_idx, *a, **kw)
+
+    def update_recurrent_state(
+        self, recurrent_states: Tensor, layer_idx: int, *a: Any, **kw: Any
+    ) -> Any:
+        self._own_rows(layer_idx, "update_recurrent_state")
+        return Cache.update_recurrent_state(self, recurrent_states, layer_idx, *a, **kw)
+
+    def _own_rows(self, layer_idx: int, name: str) -> None:
+        if layer_idx not in self.__dict__["_rows"]:
+            _refuse_update(f"{name} (layer {layer_idx}, with no copy of its states for the rows)")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("update_"):  # another state the model writes at t (e.g. an indexer)
@@ -66,6 +106,27 @@ class FrozenCache(Cache):
         return torch.cat([k.expand(key_states.shape[0], *k.shape[1:]), key_states], dim=1)
 
 
+def rows_copy(layer: Any, n: int, layer_idx: int) -> Any:
+    """A copy of state layer ``layer`` whose convolution and recurrent states are its own
+    (batch 1) expanded and copied to ``n`` rows; its bookkeeping dicts copied too, so nothing
+    the rows' step writes reaches ``layer``."""
+    new = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if isinstance(value, dict):
+            setattr(new, name, dict(value))
+    for name in ("conv_states", "recurrent_states"):
+        states = getattr(new, name)
+        for i, state in states.items():
+            if isinstance(state, Tensor):
+                if state.shape[0] != 1:
+                    raise UnsupportedModelError(
+                        f"the cache's layer {layer_idx} holds {name}[{i}] of batch "
+                        f"{state.shape[0]}, not the clean run's 1"
+                    )
+                states[i] = state.expand(n, *state.shape[1:]).clone()
+    return new
+
+
 def _refuse_update(name: str) -> None:
     raise UnsupportedModelError(
         f"the model calls its cache's {name}: a state besides keys and values that each step "
@@ -91,15 +152,19 @@ def is_cache(x: Any) -> bool:
 
 
 def check_kv_only(cache: Any) -> None:
-    """UnsupportedModelError if ``cache`` holds anything but attention keys/values: a
-    convolution or recurrent state (LFM, OLMo-hybrid, Mamba-like layers) is read and written
-    in place by each step, so rows replayed at t would share (and overwrite) the clean one."""
+    """UnsupportedModelError if ``cache`` holds anything but attention keys/values and the
+    states of transformers' linear-attention layers (which :meth:`FrozenCache.rows` copies to
+    the rows): a state of another kind would be read and written in place by each step, so
+    rows replayed at t would share (and overwrite) the clean one."""
     for i, layer in enumerate(getattr(cache, "layers", None) or ()):
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            continue
         stateful = any(hasattr(layer, a) for a in ("conv_states", "recurrent_states"))
         if stateful or not isinstance(layer, CacheLayerMixin):
             raise UnsupportedModelError(
                 f"the cache's layer {i} is a {type(layer).__name__} (a convolution / recurrent "
-                "state, not keys and values): the final-position replay cannot freeze it"
+                "state that is not a transformers linear-attention layer): the final-position "
+                "replay cannot freeze it"
             )
 
 

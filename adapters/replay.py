@@ -228,6 +228,7 @@ class BlockCalls:
         """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
         n = resid.shape[0]
         hidden = resid[:, None, :].clone()  # a block may write to its input
+        self.cache.rows(layer, n)  # a state layer: the rows' own copy of the clean states
         a_mode, k_mode = self.modes[layer]
         args = _fill(tile(self.one.args[layer], a_mode, n), hidden, self.cache)
         kwargs = _fill(tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)

@@ -43,13 +43,15 @@ ROW_BUDGET = 1 << 25  # rows * tokens * d of one patch forward
 @dataclass
 class Trace:
     """One hooked forward, every value at the chosen positions ([B, ...] with ``at``, else
-    [B, T, ...]). ``attn``/``mlp``/``pre`` hold one entry per layer; ``heads`` [.., H, d]."""
+    [B, T, ...]). ``attn``/``mlp``/``pre`` hold one entry per layer; ``heads`` [.., H, d] (None
+    for a layer whose heads were not recorded: a head patched in a layer-granularity run records
+    its own layer's only)."""
 
     embed: Tensor
     pre: list[Tensor]
     attn: list[Tensor]
     mlp: list[Tensor]
-    heads: list[Tensor] | None
+    heads: list[Tensor | None] | None
     final: Tensor
     unembedded: Tensor
     logits: Tensor
@@ -175,8 +177,12 @@ def record(
         hooks.check()
         head_vals = None
         if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):
+            # every layer's heads (a head-granularity run), or the patched layers' (a head
+            # patched in a layer-granularity run: only their o_proj inputs were recorded)
             head_vals = [
-                head_terms(p.o_proj[lay], rec["z"][lay], p.n_heads) * p.alpha[lay]
+                None
+                if rec["z"][lay] is None
+                else head_terms(p.o_proj[lay], rec["z"][lay], p.n_heads) * p.alpha[lay]
                 if post[lay] is None
                 else _shares(post[lay], p, lay, rec)
                 for lay in range(p.n_layers)

@@ -200,13 +200,92 @@ def test_a_decoder_whose_blocks_get_no_cache_falls_back_with_the_reason():
     assert check_patching(adapter, TOKENS, "layer", n_patches=2) <= 1e-4
 
 
-def test_a_cache_holding_a_convolution_state_falls_back_with_the_reason():
-    """LFM's short-convolution layers keep a state in the cache that each decode step updates
-    in place: the replay at t cannot freeze it, so patching is by re-forwards, and says so."""
+#: hybrids of attention and transformers' linear-attention layers (convolution / recurrent
+#: states in the cache): a gated delta net (Qwen3-Next, Qwen3.5, OLMo-hybrid), short
+#: convolutions (LFM), Mamba layers (Jamba), linear attention (Bailing, Lara)
+HYBRIDS = [
+    "lfm2",
+    "lfm2_moe",
+    "lfm3",
+    "qwen3_next",
+    "qwen3_5",
+    "olmo_hybrid",
+    "jamba",
+    "bailing_hybrid",
+    "lara_mini",
+]
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_a_hybrids_state_layers_are_replayed_from_their_clean_states(name):
+    """Each replayed row steps a linear-attention / convolution / Mamba layer from its own copy
+    of the clean states after t - 1: the fast path is used and equals one plain hooked forward
+    of the whole prompt per patch (float32, 1e-4)."""
     from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
 
-    adapter = adapt(tiny_model("lfm3"), generic=True)
-    assert adapter.fast_refusal is not None and "convolution" in adapter.fast_refusal
+    adapter = adapt(tiny_model(name), generic=True)
+    assert adapter.fast_refusal is None, adapter.fast_refusal
+    assert adapter.fast_error <= 1e-4
+    assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
+
+
+def test_a_hybrid_in_float64_at_an_earlier_position_with_mixed_sites():
+    """LFM (short convolutions and attention) in float64: position 5 of 9, embed, heads and
+    whole layers in one call, equal to the re-forward of the prompt up to t within 1e-9; the
+    clean states are untouched by the rows (patching twice gives the same numbers)."""
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    adapter = adapt(tiny_model("lfm3").to(torch.float64), generic=True)
+    assert adapter.fast_refusal is None, adapter.fast_refusal
+    clean = adapter.clean_run(_tokens(), "layer", position=5)
+    sites = ["embed", "mlp.1", "attn.0.h1", "attn.1", "mlp.0", "attn.0"]
+    parsed = [adapter.site(s) for s in sites]
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(len(sites), 3, adapter.arch.d_model, generator=gen, dtype=torch.float64)
+    got = adapter.patch(clean, sites, values)
+    again = adapter.patch(clean, sites, values)
+    want = reforward_patch(adapter, clean, parsed, values)
+    for field in ("centred_logit", "sigma", "direct_effects", "total_effect"):
+        assert (getattr(got, field) - getattr(want, field)).abs().max() <= 1e-9, field
+        assert torch.equal(getattr(got, field), getattr(again, field)), field
+
+
+def test_the_rows_copy_of_a_state_layer_leaves_the_clean_states_alone():
+    """:func:`rows_copy` expands a batch-1 state to n rows; writing to the copy (as a step
+    does) changes neither the clean states nor their bookkeeping; a state of another batch is
+    refused naming the layer."""
+    from transformers.cache_utils import LinearAttentionLayer  # noqa: PLC0415
+
+    from causalnet.adapters.frozencache import rows_copy  # noqa: PLC0415
+    from causalnet.errors import UnsupportedModelError  # noqa: PLC0415
+
+    layer = LinearAttentionLayer()
+    layer.update_conv_state(torch.arange(6.0).view(1, 2, 3))
+    layer.update_recurrent_state(torch.ones(1, 2, 2))
+    copy = rows_copy(layer, 4, 7)
+    assert copy.conv_states[0].shape == (4, 2, 3)
+    assert torch.equal(copy.conv_states[0][3], layer.conv_states[0][0])
+    copy.update_conv_state(torch.full((4, 2, 1), -1.0))
+    copy.update_recurrent_state(torch.zeros(4, 2, 2))
+    copy.has_previous_state[0] = "changed"
+    assert torch.equal(layer.conv_states[0], torch.arange(6.0).view(1, 2, 3))
+    assert torch.equal(layer.recurrent_states[0], torch.ones(1, 2, 2))
+    assert layer.has_previous_state[0] is True
+    wide = LinearAttentionLayer()
+    wide.update_recurrent_state(torch.ones(2, 2, 2))
+    with pytest.raises(UnsupportedModelError, match="layer 7"):
+        rows_copy(wide, 4, 7)
+
+
+def test_a_model_whose_own_cached_decoding_is_off_its_forward_falls_back_saying_so():
+    """Bamba's cached decoding step is not its full forward (in transformers 5.x, on this tiny
+    config): no replay from the cache can be exact, so patching is by re-forwards, equal to the
+    oracle, and the refusal names the model's own discrepancy."""
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    adapter = adapt(tiny_model("bamba"), generic=True)
+    assert adapter.fast_refusal is not None
+    assert "own cached decoding is off its full forward" in adapter.fast_refusal
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
 
 
