@@ -151,6 +151,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
                     caches[0].update_indexer = recording_indexer(caches[0])
             elif caches[0] is not live["cache"]:
                 raise UnsupportedModelError(f"block {p.block_names[layer]} gets another cache")
+            check_handed(layer, args, kwargs)
             x = hidden_in(args, kwargs)
             vals["pre"][layer] = x[0, -1].clone()
             placeholder = x.new_empty(0)
@@ -166,6 +167,28 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
             vals[kind][layer] = first(output)[0, -1] * scale
 
         return hook
+
+    handed: dict[int, list[Tensor]] = {}  # layer -> its block's outputs besides the hidden state
+
+    def block_post(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, (tuple, list)):
+                handed[layer] = [y for y in output[1:] if isinstance(y, Tensor)]
+
+        return hook
+
+    def check_handed(layer: int, args: tuple, kwargs: dict) -> None:
+        """A block called with an earlier block's output besides the hidden state (Zaya's
+        router states): a second stream between blocks, which each row would have to carry."""
+        for earlier, outs in handed.items():
+            for x in (*args, *kwargs.values()):
+                if any(x is y for y in outs):
+                    raise UnsupportedModelError(
+                        f"block {p.block_names[layer]} is called with an output of block "
+                        f"{p.block_names[earlier]} besides the hidden state (a second stream "
+                        "between blocks, e.g. router states): the final-position replay would "
+                        "hand every row the clean one"
+                    )
 
     key = _cache_keyword(model)
     toks = prompt[None].expand(batch, -1)
@@ -184,6 +207,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
         with HookSet() as hooks:
             for layer in range(n_layers):
                 hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
+                hooks.post(p.blocks[layer], f"block_out.{layer}", block_post(layer))
                 hooks.part(
                     p.blocks[layer],
                     p.attn[layer],

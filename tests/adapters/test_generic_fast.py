@@ -277,6 +277,20 @@ def test_the_rows_copy_of_a_state_layer_leaves_the_clean_states_alone():
         rows_copy(wide, 4, 7)
 
 
+def test_a_block_fed_another_blocks_output_falls_back_naming_the_second_stream():
+    """Zaya's blocks hand router states to the next block besides the residual: each replayed
+    row would get the clean ones, so the replay is refused at the capture, naming both blocks,
+    and patches are re-forwards equal to the oracle."""
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    adapter = adapt(tiny_model("zaya"), generic=True)
+    assert adapter.fast_refusal is not None
+    assert "model.layers.1 is called with an output of block model.layers.0" in (
+        adapter.fast_refusal
+    )
+    assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
+
+
 def test_a_model_whose_own_cached_decoding_is_off_its_forward_falls_back_saying_so():
     """Bamba's cached decoding step is not its full forward (in transformers 5.x, on this tiny
     config): no replay from the cache can be exact, so patching is by re-forwards, equal to the
