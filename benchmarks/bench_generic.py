@@ -37,7 +37,7 @@ import torch
 import transformers as T
 from bench_sweep import Readouts, gemm_rates, machine_info, max_diff, way_c, way_naive
 
-from causalnet.adapters import adapt, load, replay
+from causalnet.adapters import adapt, kernels, load, replay
 from causalnet.adapters.trace import reforward_patch
 from causalnet.hydra.data import load_prompts
 
@@ -131,6 +131,70 @@ class CaptureCount:
         return self.real(*args, **kwargs)
 
 
+class LinearClock:
+    """Time spent inside the adapters' linear kernels (``kernels.linear``, which every linear
+    layer of the generic fast path calls, and ``linear_silu`` / ``linear_mul``, the hand-written
+    Llama path's fused MLP) and the FLOPs they did, while installed (:meth:`install`)."""
+
+    NAMES = ("linear", "linear_silu", "linear_mul")
+
+    def __init__(self) -> None:
+        self.s = 0.0
+        self.flops = 0
+        self.real = {n: getattr(kernels, n) for n in self.NAMES}
+
+    def _wrap(self, name: str) -> Any:
+        real = self.real[name]
+
+        def fn(x: torch.Tensor, *args: Any) -> torch.Tensor:
+            w = args[1] if name == "linear_mul" else args[0]
+            t0 = time.perf_counter()
+            y = real(x, *args)
+            self.s += time.perf_counter() - t0
+            self.flops += 2 * (x.numel() // x.shape[-1]) * w.shape[0] * w.shape[1]
+            return y
+
+        return fn
+
+    def install(self) -> None:
+        for n in self.NAMES:
+            setattr(kernels, n, self._wrap(n))
+
+    def remove(self) -> None:
+        for n, f in self.real.items():
+            setattr(kernels, n, f)
+
+
+def breakdown(
+    adapter: Any, name: str, prompts: list[torch.Tensor], sites: list[str], values: list
+) -> dict[str, float]:
+    """Where the fast path's time goes on ``prompts`` (run again, after the timed ones): the
+    clean runs, the patches, and within both the linear kernels (seconds and GFLOP/s) -- the
+    rest is the models' other operations (norms, rotary, attention over the cache, routing,
+    activations) and the replay's bookkeeping."""
+    clock = LinearClock()
+    clock.install()
+    clean_s = patch_s = flops = 0.0
+    try:
+        for tokens, v in zip(prompts, values, strict=True):
+            clean, dt = timed(lambda t=tokens: adapter.clean_run(t))
+            clean_s += dt
+            patch_s += timed(lambda c=clean, v=v: adapter.patch(c, sites, v))[1]
+            flops += patch_flops(name, len(tokens) - 1, 30, K)
+    finally:
+        clock.remove()
+    total = clean_s + patch_s
+    return {
+        "prompts": len(prompts),
+        "clean_s": clean_s,
+        "patch_s": patch_s,
+        "linear_s": clock.s,
+        "linear_gflop_per_s": clock.flops / max(clock.s, 1e-9) / 1e9,
+        "other_s": total - clock.s,
+        "gflop_per_s": flops / total / 1e9,
+    }
+
+
 def smollm2(
     hand: Any, prompts: list[torch.Tensor], n_timed: int, warm: list[torch.Tensor]
 ) -> dict[str, Any]:
@@ -158,7 +222,16 @@ def smollm2(
         replay.capture = counter.real
     med = {k: statistics.median(v) for k, v in times.items()}
     total = {k: sum(v) for k, v in times.items()}
+    # SmolLM2 has the shapes of the random Qwen3 (no q/k norms): the same FLOP count
+    flops = sum(patch_flops("qwen3", len(p) - 1, 30, K) for p in prompts[1 : n_timed + 1])
+    extra = prompts[1:4]
+    extra_values = [resample(hand, prompts, i) for i in range(1, 4)]
     return {
+        "gflop_per_s": {k: flops / v / 1e9 for k, v in total.items()},
+        "breakdown": {
+            k: breakdown(a, "qwen3", extra, sites, extra_values)
+            for k, a in (("hand", hand), ("generic", gen))
+        },
         "warm_up_prompts": len(warm),
         "warm_up_s": warm_s,
         "arguments_by_length": replay.arguments_by_length(gen),
@@ -204,7 +277,9 @@ def random_model(
         values = resample(gen, prompts, i)
         t_fast.append(timed(lambda v=values, i=i: way_c(gen, prompts[i], sites, v))[1])
         flops.append(patch_flops(name, len(prompts[i]) - 1, 30, K))
+    extra_values = [resample(gen, prompts, i) for i in range(1, 4)]
     return {
+        "breakdown": breakdown(gen, name, prompts[1:4], sites, extra_values),
         "warm_up_s": warm_s,
         "arguments_by_length": replay.arguments_by_length(gen),
         "adapt_s": t_adapt,
@@ -222,6 +297,48 @@ def random_model(
     }
 
 
+def smollm2_rates(s: dict[str, Any], mm: float) -> str:
+    """Both SmolLM2 paths' rates (results from before they were recorded: '-')."""
+    rates = s.get("gflop_per_s")
+    if not rates:
+        return "-"
+    return (
+        f"generic {rates['generic']:.0f} GFLOP/s = {100 * rates['generic'] / mm:.0f}%, "
+        f"hand-written {rates['hand']:.0f} = {100 * rates['hand'] / mm:.0f}% of {mm:.0f}"
+    )
+
+
+def breakdown_lines(r: dict[str, Any], mm: float) -> list[str]:
+    """The Markdown table of where the fast paths' time goes (results that have it)."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for k, b in r["smollm2"].get("breakdown", {}).items():
+        rows.append((f"SmolLM2-135M, {k}", b))
+    for name, m in r["random"].items():
+        if "breakdown" in m:
+            rows.append((f"{name} (random), generic", m["breakdown"]))
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Where the fast paths' time goes",
+        "",
+        f"Prompts 2-4 run again after the timed ones, each linear-kernel call timed "
+        f"(matmul rate: {mm:.0f} GFLOP/s).",
+        "",
+        "| model, path | clean runs s | patches s | in linear kernels s | linear kernels' "
+        "rate | everything else s | overall rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, b in rows:
+        lines.append(
+            f"| {label} | {b['clean_s']:.3f} | {b['patch_s']:.3f} | {b['linear_s']:.3f} | "
+            f"{b['linear_gflop_per_s']:.0f} GFLOP/s = {100 * b['linear_gflop_per_s'] / mm:.0f}% | "
+            f"{b['other_s']:.3f} | {b['gflop_per_s']:.0f} GFLOP/s = "
+            f"{100 * b['gflop_per_s'] / mm:.0f}% |"
+        )
+    return lines
+
+
 def summary_table(r: dict[str, Any]) -> str:
     """The README's table of a result (``python benchmarks/bench_generic.py --summary FILE``):
     one row per model, the generic path's time per prompt against what it is compared with."""
@@ -235,7 +352,7 @@ def summary_table(r: dict[str, Any]) -> str:
         f"| SmolLM2-135M | {s['median_s']['generic']:.3f} | hand-written Llama "
         f"{s['median_s']['hand']:.3f} s | {s['ratio_total_generic_over_hand']:.2f}x the time "
         f"over {len(s['times_s']['hand'])} prompts (medians {s['ratio_generic_over_hand']:.2f}x); "
-        f"agree to {agree:.1e} | - |",
+        f"agree to {agree:.1e} | {smollm2_rates(s, mm)} |",
     ]
     names = {"qwen3": "Qwen3", "mixtral": "Mixtral (4 experts of 768, top-2)", "phi3": "Phi-3"}
     for name, m in r["random"].items():
@@ -312,6 +429,7 @@ def render(r: dict[str, Any]) -> str:
         "untimed warm-up prompts as above; fast s / prompt is the median of the timed prompts, "
         "GFLOP/s over all of them.",
     ]
+    lines += breakdown_lines(r, mm)
     return "\n".join(lines) + "\n"
 
 
