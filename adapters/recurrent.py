@@ -1,4 +1,4 @@
-"""Fast patching of a model of one-part recurrent blocks (Mamba) from its own recurrent state.
+"""Fast patching of a model of one-part blocks (Mamba, Zamba) from its own cache after t - 1.
 
 An intervention at position t changes nothing before t, and a recurrent block reads the earlier
 positions only through its state after t - 1 (Mamba: the convolution window and the SSM state).
@@ -7,15 +7,18 @@ positions only through its state after t - 1 (Mamba: the convolution window and 
 1. runs the model's OWN forward on the prompt before t with its OWN cache (transformers'
    ``Cache`` with per-layer ``conv_states`` / ``recurrent_states``): the states after t - 1;
 2. records how the model calls each block at t (one cached step of the model's own forward on
-   the token at t, from a copy of those states): the arguments besides the hidden state;
+   the token at t, from a copy of those states): the arguments besides the hidden state (masks,
+   position ids, Zamba's embedding for its shared blocks), tiled to the rows as the model tiles
+   them from batch 1 to 2 (:mod:`causalnet.adapters.stepcalls`);
 3. replays the blocks themselves at t only, layer by layer, on rows [N, 1, d]: every
    (site, patch) row of the prompt in one batch that grows as the layers go up. Rows are sorted
    by the layer they enter at: ``embed`` rows run from block 0 with the patched embedding;
    ``mixer.l`` rows skip block l (their residual after it is the clean block input plus the
    patched value) and run from block l + 1. Before block l runs, layer l's states in a copy of
    the cache are the clean states expanded (copied) to the rows running it, so each row's step
-   updates its own copy; the model's mixer computes the step (its conv update and selective
-   state update).
+   updates its own copy, and its attention keys and values (a hybrid's attention block) the
+   clean ones expanded, to which each row's step appends its own; the model's own modules
+   compute the step (conv update, selective state update, attention).
 
 ``num[r, j]`` accumulates c_j . w_i for readout site j of row r from the clean values (sites
 below a row's entry are unchanged), and is divided by each row's own final scale sigma; the
@@ -30,7 +33,9 @@ compares the two on a probe, every site patched, before the adapter uses this pa
 margin of 10 below the tolerance (one probe prompt stands for every prompt): beyond 1e-5
 (float32) / 1e-10 (float64) of max(1, |centred logit|) on the probe the adapter patches by the
 hooked re-forward of the whole prompt (:func:`causalnet.adapters.trace.reforward_patch`,
-exact to 1e-4 / 1e-9) and says why (``fast_refusal``).
+exact to 1e-4 / 1e-9) and says why (``fast_refusal``). A step known to compute another
+function than the scan (a time-step clamp in the scan only:
+:func:`causalnet.adapters.stepcalls.step_mismatch`) is refused before the probe.
 """
 
 from __future__ import annotations
@@ -41,127 +46,26 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache
 
-from causalnet.errors import CausalNetError, UnsupportedModelError
+from causalnet.errors import CausalNetError
 from causalnet.sites import Site
 
 from .finalrows import (
     MODULE_ERRORS,
     centred_from_final,
-    forward_last,
     probe_values,
     relative_difference,
     unsorted_run,
 )
-from .hooks import HookSet, first, hidden_in
+from .hooks import HookSet, first
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
-from .tiling import CACHE, HIDDEN
+from .stepcalls import Prefix, step_calls, step_mismatch
 from .trace import reforward_patch
 
-_STATES = ("conv_states", "recurrent_states")
+__all__ = ["MARGIN", "Prefix", "check_recurrent", "recurrent_patch"]
+
 MARGIN = 10  # the probe check's margin below the patching tolerance
-
-
-def _find_cache(out: Any) -> Cache:
-    for key in ("cache", "cache_params", "past_key_values"):
-        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
-        if isinstance(value, Cache):
-            return value
-    raise UnsupportedModelError(f"the model returned no transformers Cache ({type(out).__name__})")
-
-
-def _state_layers(cache: Cache, n_layers: int) -> list[Any]:
-    """The cache's per-layer objects, each holding only convolution / recurrent states."""
-    layers = list(getattr(cache, "layers", None) or ())
-    if len(layers) != n_layers:
-        raise UnsupportedModelError(
-            f"the cache has {len(layers)} layers for {n_layers} blocks: not one state per block"
-        )
-    for i, layer in enumerate(layers):
-        keys = getattr(layer, "keys", None)
-        if not all(isinstance(getattr(layer, a, None), dict) for a in _STATES) or isinstance(
-            keys, Tensor
-        ):
-            raise UnsupportedModelError(
-                f"the cache's layer {i} ({type(layer).__name__}) is not a convolution / "
-                "recurrent state alone (attention keys and values are not replayed here)"
-            )
-    return layers
-
-
-def _mark(x: Any, live: Any) -> Any:
-    if x is live:
-        return CACHE
-    if isinstance(x, Tensor):
-        raise UnsupportedModelError(
-            "a block is called with a tensor besides its hidden state; the replay passes none"
-        )
-    return x
-
-
-def _fill(x: Any, hidden: Tensor, cache: Any) -> Any:
-    return hidden if x is HIDDEN else cache if x is CACHE else x
-
-
-class Prefix:
-    """The model's own states after t - 1 (``cache``, None at t = 0) and how it calls each block
-    at t (``args`` / ``kwargs`` with ``HIDDEN`` / ``CACHE`` placeholders)."""
-
-    def __init__(self, adapter: Any, prompt: Tensor) -> None:
-        p = adapter.parts
-        model = adapter.model
-        self.cache: Cache | None = None
-        step: dict[str, Any] = {"use_cache": True}
-        with torch.no_grad():
-            if prompt.shape[0] > 1:
-                out = forward_last(model, input_ids=prompt[None, :-1], use_cache=True)
-                self.cache = _find_cache(out)
-                self.layers = _state_layers(self.cache, p.n_layers)
-                step["cache"] = copy.deepcopy(self.cache)  # the step below updates it
-            self.args: list[tuple] = [()] * p.n_layers
-            self.kwargs: list[dict] = [{}] * p.n_layers
-
-            def block_pre(layer: int) -> Any:
-                def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                    x = hidden_in(args, kwargs)
-                    live = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), 0)
-                    self.args[layer] = tuple(HIDDEN if a is x else _mark(a, live) for a in args)
-                    self.kwargs[layer] = {
-                        k: HIDDEN if v is x else _mark(v, live) for k, v in kwargs.items()
-                    }
-
-                return hook
-
-            with HookSet() as hooks:
-                for layer in range(p.n_layers):
-                    hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
-                forward_last(model, input_ids=prompt[None, -1:], **step)
-                hooks.check()
-
-    def rows_cache(self, cache: Any, layer: int, n: int) -> Any:
-        """``cache`` (a copy of the prefix's) with layer ``layer``'s states the clean ones
-        expanded and copied to ``n`` rows (each row's step updates its own)."""
-        if self.cache is None:
-            return None
-        target = cache.layers[layer]
-        for attr in _STATES:
-            for i, state in getattr(self.layers[layer], attr).items():
-                if isinstance(state, Tensor):
-                    getattr(target, attr)[i] = state.expand(n, *state.shape[1:]).clone()
-        return cache
-
-    def call(self, block: nn.Module, layer: int, hidden: Tensor, cache: Any) -> Tensor:
-        """Block ``layer`` on ``hidden`` [N, 1, d] with ``cache`` where the model passed its
-        (None at t = 0: the block then runs on the one position without states, as the model
-        does on a one-token prompt)."""
-        args = tuple(_fill(a, hidden, cache) for a in self.args[layer])
-        kwargs = {k: _fill(v, hidden, cache) for k, v in self.kwargs[layer].items()}
-        out = first(block(*args, **kwargs))
-        if out is None or out.shape != hidden.shape:
-            raise UnsupportedModelError(f"block {layer} returned no [N, 1, d] hidden state")
-        return out
 
 
 def recurrent_patch(
@@ -188,7 +92,7 @@ def recurrent_patch(
         return bisect.bisect_left(sorted_keys, k) * n_patch
 
     assert clean._resid_pre is not None
-    prefix = Prefix(adapter, clean.tokens[: clean.position + 1].to(dev))
+    prefix = step_calls(adapter, clean.tokens[: clean.position + 1].to(dev))
     cache = copy.deepcopy(prefix.cache)
     num = (clean.site_values.to(acc) @ w).expand(n_rows, -1).clone()
     vals_w = vals.to(acc) @ w
@@ -209,7 +113,8 @@ def recurrent_patch(
             run, enter = bound(layer), bound(layer + 1)  # rows running block l; entering at it
             if run:
                 rows_cache = prefix.rows_cache(cache, layer, run)
-                z[:run] = prefix.call(p.blocks[layer], layer, z[:run, None], rows_cache)[:, 0]
+                hidden = z[:run, None].clone()  # a block may write to its input
+                z[:run] = prefix.call(p.blocks[layer], layer, hidden, rows_cache)[:, 0]
                 num[:run, col[f"mixer.{layer}"]] = (got["mixer"] * p.gamma[layer]).to(acc) @ w
                 ran.append(f"mixer.{layer}")
             if enter > run:
@@ -227,8 +132,12 @@ def check_recurrent(
 ) -> tuple[str | None, float | None]:
     """(None, error) if :func:`recurrent_patch` agrees with the hooked re-forward on ``tokens``
     [T] within a tenth of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred logit|) for
-    every site, else (why not, error or None)."""
+    every site, else (why not, error or None); (why, None) without a probe where the step is
+    known to differ from the full forward (:func:`causalnet.adapters.stepcalls.step_mismatch`)."""
     atol = (1e-9 if adapter.dtype == torch.float64 else 1e-4) / MARGIN
+    mismatch = step_mismatch(adapter.model)
+    if mismatch is not None:
+        return mismatch, None
     clean = adapter.clean_run(tokens, "layer")
     sites = adapter.sites("layer")
     parsed = [adapter.site(s) for s in sites]

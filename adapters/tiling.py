@@ -4,7 +4,8 @@ A block's arguments at t are captured at batch 1 and batch 2 (:mod:`causalnet.ad
 :func:`mode` compares the two to find, per tensor, whether it broadcasts (``"same"``) or is
 tiled along its first dimension (``"expand"`` / ``"repeat"``), and :func:`tile` applies that to
 n rows. :data:`HIDDEN` and :data:`CACHE` stand for the block's hidden-state input and the cache
-in a captured argument list.
+in a captured argument list: :func:`mark` puts the cache's placeholder in, :func:`fill` puts the
+rows' hidden state and cache back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,31 @@ from .hooks import rel_err, tolerance
 
 HIDDEN = object()  # where a block's hidden-state input goes in its captured arguments
 CACHE = object()  # where the cache goes
+
+
+def mark(x: Any, live: Any) -> Any:
+    """``x`` with the live cache object replaced by :data:`CACHE` (in tuples, lists, dicts)."""
+    if x is live:
+        return CACHE
+    if isinstance(x, (tuple, list)):
+        return type(x)(mark(y, live) for y in x)
+    if isinstance(x, dict):
+        return {k: mark(y, live) for k, y in x.items()}
+    return x
+
+
+def fill(x: Any, hidden: Any, cache: Any) -> Any:
+    """``x`` with :data:`HIDDEN` replaced by ``hidden`` and :data:`CACHE` by ``cache`` (in
+    tuples, lists, dicts): a captured call made again on the rows."""
+    if x is HIDDEN:
+        return hidden
+    if x is CACHE:
+        return cache
+    if isinstance(x, (tuple, list)):
+        return type(x)(fill(y, hidden, cache) for y in x)
+    if isinstance(x, dict):
+        return {k: fill(y, hidden, cache) for k, y in x.items()}
+    return x
 
 
 def mode(x1: Any, x2: Any, where: str) -> Any:
@@ -53,7 +79,7 @@ def mode(x1: Any, x2: Any, where: str) -> Any:
 
 
 def tile(x: Any, mode: Any, n: int) -> Any:
-    """``x`` (captured at batch 1) for n rows as ``mode`` (:func:`_mode`) says."""
+    """``x`` (captured at batch 1) for n rows as ``mode`` (:func:`mode`) says."""
     if isinstance(mode, list):
         return type(x)(tile(y, m, n) for y, m in zip(x, mode, strict=True))
     if isinstance(mode, dict):
