@@ -30,6 +30,12 @@ from causalnet.sites import Site
 from .readout import accumulation_dtype, vocab_mean
 from .records import CleanRun, PatchedRun
 
+#: How far below the patching tolerance (1e-4 float32, 1e-9 float64) a replay must agree with
+#: the re-forward on the probe before it is used: one probe prompt stands for every prompt, and
+#: a part that computes its cached step in float32 inside a float64 model can pass one probe
+#: and miss on another
+MARGIN = 10
+
 #: Errors a model's own modules may raise on arguments they were not made for; caught only by
 #: the probe checks, which record them as the reason to fall back.
 MODULE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError)

@@ -51,6 +51,7 @@ from causalnet.errors import CausalNetError
 from causalnet.sites import Site
 
 from .finalrows import (
+    MARGIN,
     MODULE_ERRORS,
     centred_from_final,
     probe_values,
@@ -64,8 +65,6 @@ from .stepcalls import Prefix, step_calls, step_mismatch
 from .trace import reforward_patch
 
 __all__ = ["MARGIN", "Prefix", "check_recurrent", "recurrent_patch"]
-
-MARGIN = 10  # the probe check's margin below the patching tolerance
 
 
 def recurrent_patch(
