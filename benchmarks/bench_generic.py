@@ -468,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     r["load_after"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-generic-{r['machine']['host']}"
+    if (RESULTS / f"{stem}.json").exists():  # an earlier run of the day is kept
+        stem += dt.datetime.now(dt.timezone.utc).strftime("-%H%M")
     (RESULTS / f"{stem}.json").write_text(json.dumps(r, indent=1))
     (RESULTS / f"{stem}.md").write_text(render(r))
     print(render(r))
