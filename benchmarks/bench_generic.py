@@ -16,6 +16,10 @@
    (FLOPs counted analytically from the shapes, ``bench_sweep.py``'s formula with each model's
    MLP) next to this machine's matrix-multiply rate measured in the same run.
 
+3. Where the fast paths' time goes: three prompts run again with every call of the adapters'
+   linear kernels timed -- clean runs, patches, the linear kernels' seconds and rate, and
+   everything else (the models' other operations and the replay's bookkeeping).
+
 The machine is named with its load average before and after (other processes share the cores:
 times are wall-clock, the ratios are the point). Results: ``benchmarks/results/<date>-generic-
 <host>.json`` and ``.md``. Run: ``python benchmarks/bench_generic.py [--prompts 20]``.
