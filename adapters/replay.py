@@ -19,6 +19,13 @@ modules. do(site = v) is applied by hooks on the discovered modules, as in
 :mod:`causalnet.adapters.trace`. The vocabulary projection is never computed: the centred logit
 is the final norm's output (the model's module) dotted with the centred unembedding row.
 
+Where a block is called with an earlier block's output besides the hidden state (a second
+stream: GLM-5's top-k indices, Zaya's router states), the capture records which
+(:attr:`Capture.streams`) and :class:`BlockCalls` carries it per row: the rows that ran the
+earlier block (the first rows) get their own output, the others the clean value. A row entering
+at a block's MLP skips the block and gets the clean value, as the hooked re-forward (which
+replaces the MLP's output only) hands it on.
+
 Arguments that depend on the batch size are found by capturing at batch 1 and 2 and tiled to
 N rows (:mod:`causalnet.adapters.tiling`); anything else that differs (or a block that gets no
 transformers Cache) is refused with the reason, and the adapter falls back to
@@ -35,7 +42,6 @@ that length takes them from the first, with its own cache and clean values, and 
 from __future__ import annotations
 
 import copy
-import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +56,8 @@ from .finalrows import forward_last
 from .frozencache import FrozenCache, check_kv_only, is_cache
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .linears import fast_linears
-from .tiling import CACHE, HIDDEN, mode, signature, tile
+from .recorders import cache_keyword, recording_indexer, recording_update
+from .tiling import HIDDEN, fill, mark, mode, signature, tile
 
 
 @dataclass
@@ -61,33 +68,16 @@ class Capture:
 
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    #: per block, its arguments that are an earlier block's output besides the hidden state (a
+    #: second stream: GLM-5's top-k indices, Zaya's router states): argument position or
+    #: keyword -> (that block, the output's index); the clean value stays in args / kwargs
+    streams: list[dict[int | str, tuple[int, int]]] = field(default_factory=list)
     prefix: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     indexer: dict[int, Tensor] = field(default_factory=dict)  # a sparse-attention indexer's keys
     cache: Any = None  # the prefix cache before position t (a copy)
     pre: Tensor | None = None
     attn: Tensor | None = None
     mlp: Tensor | None = None
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise UnsupportedModelError(
-        f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
-    )
-
-
-def _mark(x: Any, live: Any) -> Any:
-    """``x`` with the live cache object replaced by ``CACHE`` (in tuples, lists, dicts)."""
-    if x is live:
-        return CACHE
-    if isinstance(x, (tuple, list)):
-        return type(x)(_mark(y, live) for y in x)
-    if isinstance(x, dict):
-        return {k: _mark(y, live) for k, y in x.items()}
-    return x
 
 
 def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) -> Capture:
@@ -99,41 +89,10 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
     model = adapter.model
     cap = Capture()
     n_layers = p.n_layers
-    cap.args, cap.kwargs = [()] * n_layers, [{}] * n_layers
+    cap.args, cap.kwargs, cap.streams = [()] * n_layers, [{}] * n_layers, [{}] * n_layers
     vals: dict[str, list[Any]] = {"pre": [None] * n_layers, "attn": [None] * n_layers}
     vals["mlp"] = [None] * n_layers
     live: dict[str, Any] = {}
-
-    def recording_update(cache: Any) -> Callable:
-        update = type(cache).update
-
-        def wrapped(k: Tensor, v: Tensor, layer_idx: int, *a: Any, **kw: Any) -> Any:
-            keys, values = update(cache, k, v, layer_idx, *a, **kw)
-            if layer_idx in cap.prefix:
-                raise UnsupportedModelError(f"the cache of layer {layer_idx} was updated twice")
-            if not (torch.equal(keys[..., -1:, :], k) and torch.equal(values[..., -1:, :], v)):
-                raise UnsupportedModelError(
-                    f"the cache of layer {layer_idx} does not return the new keys/values last"
-                )
-            cap.prefix[layer_idx] = (keys[:1, ..., :-1, :].clone(), values[:1, ..., :-1, :].clone())
-            return keys, values
-
-        return wrapped
-
-    def recording_indexer(cache: Any) -> Callable:
-        update = type(cache).update_indexer
-
-        def wrapped(k: Tensor, layer_idx: int) -> Tensor:
-            keys = update(cache, k, layer_idx)
-            if layer_idx in cap.indexer or not torch.equal(keys[:, -1:], k):
-                raise UnsupportedModelError(
-                    f"the indexer cache of layer {layer_idx} was updated twice or does not "
-                    "return the new keys last"
-                )
-            cap.indexer[layer_idx] = keys[:1, :-1].clone()
-            return keys
-
-        return wrapped
 
     def block_pre(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -146,18 +105,18 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
                 check_kv_only(caches[0])
                 live["cache"] = caches[0]
                 cap.cache = copy.deepcopy(caches[0])
-                caches[0].update = recording_update(caches[0])
+                caches[0].update = recording_update(caches[0], cap.prefix)
                 if hasattr(caches[0], "update_indexer"):  # a sparse-attention indexer's keys
-                    caches[0].update_indexer = recording_indexer(caches[0])
+                    caches[0].update_indexer = recording_indexer(caches[0], cap.indexer)
             elif caches[0] is not live["cache"]:
                 raise UnsupportedModelError(f"block {p.block_names[layer]} gets another cache")
-            check_handed(layer, args, kwargs)
+            cap.streams[layer] = streams_in(args, kwargs)
             x = hidden_in(args, kwargs)
             vals["pre"][layer] = x[0, -1].clone()
             placeholder = x.new_empty(0)
             a, k = with_hidden_in(args, kwargs, placeholder)
-            a = tuple(HIDDEN if y is placeholder else _mark(y, live["cache"]) for y in a)
-            k = {n: HIDDEN if y is placeholder else _mark(y, live["cache"]) for n, y in k.items()}
+            a = tuple(HIDDEN if y is placeholder else mark(y, live["cache"]) for y in a)
+            k = {n: HIDDEN if y is placeholder else mark(y, live["cache"]) for n, y in k.items()}
             cap.args[layer], cap.kwargs[layer] = a, k
 
         return hook
@@ -168,29 +127,29 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
 
         return hook
 
-    handed: dict[int, list[Tensor]] = {}  # layer -> its block's outputs besides the hidden state
+    handed: dict[int, tuple] = {}  # layer -> its block's output (a tuple)
 
     def block_post(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if isinstance(output, (tuple, list)):
-                handed[layer] = [y for y in output[1:] if isinstance(y, Tensor)]
+                handed[layer] = tuple(output)
 
         return hook
 
-    def check_handed(layer: int, args: tuple, kwargs: dict) -> None:
-        """A block called with an earlier block's output besides the hidden state (Zaya's
-        router states): a second stream between blocks, which each row would have to carry."""
-        for earlier, outs in handed.items():
-            for x in (*args, *kwargs.values()):
-                if any(x is y for y in outs):
-                    raise UnsupportedModelError(
-                        f"block {p.block_names[layer]} is called with an output of block "
-                        f"{p.block_names[earlier]} besides the hidden state (a second stream "
-                        "between blocks, e.g. router states): the final-position replay would "
-                        "hand every row the clean one"
-                    )
+    def streams_in(args: tuple, kwargs: dict) -> dict[int | str, tuple[int, int]]:
+        """The block's arguments (top level) that are an earlier block's output besides the
+        hidden state -> (the latest such block, the output's index)."""
+        found: dict[int | str, tuple[int, int]] = {}
+        for where, x in (*enumerate(args), *kwargs.items()):
+            if isinstance(x, Tensor):
+                for earlier in sorted(handed, reverse=True):
+                    ks = [k for k, y in enumerate(handed[earlier]) if k and y is x]
+                    if ks:
+                        found[where] = (earlier, ks[0])
+                        break
+        return found
 
-    key = _cache_keyword(model)
+    key = cache_keyword(model)
     toks = prompt[None].expand(batch, -1)
     with torch.no_grad(), fast_linears(p.blocks, watch=True):
         kwargs: dict[str, Any] = {"use_cache": True}
@@ -226,20 +185,9 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
     return cap
 
 
-def _fill(x: Any, hidden: Tensor, cache: FrozenCache) -> Any:
-    if x is HIDDEN:
-        return hidden
-    if x is CACHE:
-        return cache
-    if isinstance(x, (tuple, list)):
-        return type(x)(_fill(y, hidden, cache) for y in x)
-    if isinstance(x, dict):
-        return {k: _fill(y, hidden, cache) for k, y in x.items()}
-    return x
-
-
 class BlockCalls:
-    """Each block's call on n rows from its capture at batch 1 and the tiling ``modes``."""
+    """Each block's call on n rows from its capture at batch 1 and the tiling ``modes``, for one
+    pass up the layers: a second stream (:attr:`Capture.streams`) is carried per row."""
 
     def __init__(self, adapter: Any, one: Capture, modes: list[tuple[Any, Any]]) -> None:
         self.one = one
@@ -247,16 +195,58 @@ class BlockCalls:
         self.blocks = adapter.parts.blocks
         self.modes = modes
         self.cache = FrozenCache(one.cache, one.prefix, one.indexer)
+        self.kept: dict[tuple[int, int], Tensor] = {}  # (block, output index) -> its rows' own
+        self.names = names = adapter.parts.block_names
+        for layer, streams in enumerate(one.streams):
+            for where, (j, k) in streams.items():
+                m = self.modes[layer][isinstance(where, str)][where]
+                if m != "expand":  # a batch-1 value with a leading row dimension of 1
+                    raise UnsupportedModelError(
+                        f"block {names[layer]} is called with output {k} of block {names[j]} "
+                        f"besides the hidden state (a second stream), which does not scale with "
+                        f"the batch along a leading row dimension ({m!r}): the final-position "
+                        "replay cannot carry it per row"
+                    )
+
+    def _carried(self, layer: int, where: int | str, clean: Tensor, n: int) -> Tensor:
+        """The rows' value of a second stream: the first rows' own output of the block that
+        hands it (the rows that ran it come first), the clean value for the rest."""
+        j, k = self.one.streams[layer][where]
+        own = self.kept.get((j, k))
+        if own is None:  # no row ran block j
+            return clean
+        if own.shape[0] > n or own.shape[1:] != clean.shape[1:] or own.dtype != clean.dtype:
+            raise UnsupportedModelError(
+                f"output {k} of block {self.names[j]} {tuple(own.shape)} cannot feed block "
+                f"{self.names[layer]} on {n} rows (clean value {tuple(clean.shape)}): the rows "
+                "that ran the earlier block must be the first rows of the later one"
+            )
+        return torch.cat([own, clean[own.shape[0] :]])
 
     def __call__(self, layer: int, resid: Tensor) -> Tensor:
-        """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]."""
+        """Block ``layer`` on rows' residuals at t [n, d] -> its output [n, d]. The rows of
+        successive calls are prefixes of one row order (growing as rows enter)."""
         n = resid.shape[0]
         hidden = resid[:, None, :].clone()  # a block may write to its input
         self.cache.rows(layer, n)  # a state layer: the rows' own copy of the clean states
         a_mode, k_mode = self.modes[layer]
-        args = _fill(tile(self.one.args[layer], a_mode, n), hidden, self.cache)
-        kwargs = _fill(tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
-        out = first(self.blocks[layer](*args, **kwargs))
+        args = fill(tile(self.one.args[layer], a_mode, n), hidden, self.cache)
+        kwargs = fill(tile(self.one.kwargs[layer], k_mode, n), hidden, self.cache)
+        for where in self.one.streams[layer]:
+            if isinstance(where, str):
+                kwargs[where] = self._carried(layer, where, kwargs[where], n)
+            else:
+                args = (
+                    *args[:where],
+                    self._carried(layer, where, args[where], n),
+                    *args[where + 1 :],
+                )
+        output = self.blocks[layer](*args, **kwargs)
+        for later in self.one.streams[layer + 1 :]:
+            for j, k in later.values():
+                if j == layer:
+                    self.kept[j, k] = output[k]
+        out = first(output)
         if out is None or out.shape != hidden.shape:
             raise UnsupportedModelError(f"block {layer} returned no [n, 1, d] hidden states")
         return out[:, 0]
@@ -310,7 +300,7 @@ def _from_template(template: Capture, prefix: Any, clean: Any) -> Capture | None
     layers = getattr(prefix, "layers", None) or []
     if set(template.prefix) != set(range(len(layers))) or clean._resid_pre is None:
         return None
-    one = Capture(args=template.args, kwargs=template.kwargs, cache=prefix)
+    one = Capture(template.args, template.kwargs, template.streams, cache=prefix)
     for i, layer in enumerate(layers):
         one.prefix[i] = (layer.keys[:1], layer.values[:1])
     one.pre, one.attn, one.mlp = clean._resid_pre, clean._attn, clean._mlp
@@ -322,7 +312,8 @@ def _same_capture(a: Capture, b: Capture) -> bool:
         _same(a.prefix[i][0], b.prefix[i][0]) and _same(a.prefix[i][1], b.prefix[i][1])
         for i in a.prefix
     )
-    return keys and _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+    same_args = _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+    return keys and same_args and a.streams == b.streams
 
 
 def _batch_one(adapter: Any, prompt: Tensor, prefix: Any, clean: Any) -> Capture:
