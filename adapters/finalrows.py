@@ -13,7 +13,9 @@ adapter uses them. The pieces they have in common are here, once:
 - :func:`probe_values` and :func:`relative_difference`: the probe's patch values, and how far a
   replay is from the re-forward;
 - :func:`cached_step_error`: how far the model's own cached decoding is from its full forward
-  (where it is far, no replay from its cache can be exact, and the refusal says so).
+  (where it is far, no replay from its cache can be exact, and the refusal says so);
+- :func:`low_precision_products`: the matrix products a float64 model computes in float32 (an
+  MoE router): their rounding depends on the batch, so batched rows cannot be exact to 1e-9.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transformers.cache_utils import Cache
 
 from causalnet.sites import Site
 
+from .hooks import call_model
 from .readout import accumulation_dtype, vocab_mean
 from .records import CleanRun, PatchedRun
 
@@ -132,3 +135,58 @@ def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
         step = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: cache}).logits[0, -1]
     scale = max(1.0, float(full.abs().max()))
     return float((full.double() - step.double()).abs().max()) / scale
+
+
+#: aten ops whose float32 rounding depends on how many rows they run on: matrix products (the
+#: blocking) and transcendental elementwise ops (a vectorised body and a scalar tail that round
+#: differently; which elements fall in the tail depends on the batch). Not listed, as
+#: vectorised along each row (or measured batch-invariant): softmax (attention, routers), norms'
+#: pow / mean / rsqrt, rotary tables' cos / sin.
+_BATCH_DEPENDENT = (
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_grouped_mm",
+    "addmv",
+    "mv",
+    "dot",
+    "matmul",
+    "sigmoid",
+    "exp",
+    "expm1",
+    "log",
+    "log1p",
+    "tanh",
+    "erf",
+    "silu",
+    "gelu",
+)
+
+
+def low_precision_products(model: nn.Module, tokens: Tensor) -> list[str]:
+    """The operations of a float64 model's forward on ``tokens`` [T] computed in a lower
+    precision whose rounding depends on the batch (:data:`_BATCH_DEPENDENT`: Hugging Face MoE
+    routers compute their logits, sigmoid or softmax in float32 even in a float64 model), as
+    ``"aten op (dtype)"``; empty for a model that is float64 wherever it matters. Such a
+    model's numbers move (~1e-8) between a prompt run alone and rows run in a batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    seen: dict[str, None] = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            name = func.overloadpacket.__name__
+            if name in _BATCH_DEPENDENT:
+                low = [
+                    a.dtype
+                    for a in args
+                    if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                ]
+                if low:
+                    seen[f"{name} ({str(low[0]).removeprefix('torch.')})"] = None
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Watch():
+        call_model(model, tokens[None], last_only=True)
+    return list(seen)

@@ -45,6 +45,7 @@ from causalnet.sites import Site
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
+from .finalrows import low_precision_products
 from .frozencache import prefix_cache, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
@@ -87,6 +88,7 @@ class GenericAdapter(ResidualAdapter):
         self._lock = threading.RLock()
         self.verification = verify(self)
         self._fast: tuple[str | None, float | None] | None = None
+        self._rows_per_forward: int | None = None  # 1 where the numbers depend on the batch
 
     # ---- fast patching, checked before its first use -------------------------------------
     @property
@@ -94,7 +96,10 @@ class GenericAdapter(ResidualAdapter):
         """Why patching falls back to hooked re-forwards of the whole prompt, or None: patches
         replay the model's blocks at the final position (:mod:`causalnet.adapters.fastpatch`).
         Decided once, at the first use, by :func:`causalnet.adapters.fastpatch.check_fast` on
-        the probe (every site patched, fast vs re-forward)."""
+        the probe (every site patched, fast vs re-forward). A float64 model that computes matrix
+        products in float32 (:func:`causalnet.adapters.finalrows.low_precision_products`: an
+        MoE router) is patched one row per forward, as the one-forward-per-patch oracle computes
+        it: their rounding depends on the batch, and batched rows were up to 6e-8 off."""
         return self._fast_check()[0]
 
     @property
@@ -107,8 +112,20 @@ class GenericAdapter(ResidualAdapter):
         with self._lock:
             if self._fast is None:
                 probe = probe_tokens(self.model, self.parts.vocab_size)[0]
-                check = check_recurrent if self.parts.one_part else check_fast
-                self._fast = check(self, probe)
+                f64 = self.dtype == torch.float64
+                low = low_precision_products(self.model, probe) if f64 else []
+                if low:
+                    self._rows_per_forward = 1
+                    self._fast = (
+                        f"this float64 model computes matrix products in lower precision "
+                        f"({', '.join(low[:3])}; e.g. an MoE router), whose rounding depends on "
+                        "how many rows are batched: every patch row is a forward of its own, as "
+                        "the one-forward-per-patch oracle computes it",
+                        None,
+                    )
+                else:
+                    check = check_recurrent if self.parts.one_part else check_fast
+                    self._fast = check(self, probe)
             return self._fast
 
     # ---- what the base and the oracle need ------------------------------------------------
@@ -280,4 +297,4 @@ class GenericAdapter(ResidualAdapter):
             if self.fast_refusal is None and not has_sets:
                 fast = recurrent_patch if self.parts.one_part else fast_patch
                 return fast(self, clean, [g[0] for g in groups], values)
-            return reforward_patch(self, clean, groups, values)
+            return reforward_patch(self, clean, groups, values, self._rows_per_forward)

@@ -247,13 +247,19 @@ def centred_logit(adapter: Any, tr: Trace, token: int) -> Tensor:
 
 
 def reforward_patch(
-    adapter: Any, clean: CleanRun, parsed: list[Site] | list[tuple[Site, ...]], values: Tensor
+    adapter: Any,
+    clean: CleanRun,
+    parsed: list[Site] | list[tuple[Site, ...]],
+    values: Tensor,
+    rows_per_forward: int | None = None,
 ) -> PatchedRun:
     """do(site_s = values[s, p]) (checked [S, P, d] in the model's dtype) at the clean run's
     position t for every (s, p) (a tuple of sites in ``parsed``: a set, every member patched
     in its rows, ``values`` one entry per member, flattened): a batched hooked re-forward of
     the prompt, each row read out at its own final scale (Eq 13), its centred logit the
-    model's own and its total effect against the clean run (Eq 12)."""
+    model's own and its total effect against the clean run (Eq 12). ``rows_per_forward``:
+    at most that many rows in one forward (default: as many as fit :data:`ROW_BUDGET`; 1 for a
+    model whose numbers depend on the batch)."""
     groups = [g if isinstance(g, tuple) else (g,) for g in parsed]
     n_s, (_, n_p, d) = len(groups), values.shape
     offsets = [0]
@@ -262,6 +268,8 @@ def reforward_patch(
     t = clean.position
     prompt = clean.tokens[: t + 1].to(adapter.device)
     chunk = max(1, ROW_BUDGET // ((t + 1) * d * 8))
+    if rows_per_forward is not None:
+        chunk = max(1, min(chunk, rows_per_forward))
     w, acc = clean.readout_dir, accumulation_dtype(adapter.dtype)
     head = clean.granularity == "head"
     direct, sigma, centred = [], [], []

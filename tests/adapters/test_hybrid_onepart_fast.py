@@ -152,10 +152,10 @@ def test_the_time_step_clamp_mismatch_is_real(monkeypatch):
 def test_float64_refuses_a_step_that_computes_in_float32_and_patches_exactly(name):
     """Zamba's and Zamba2's own single steps compute their state update partly in float32
     (``A_log.float()``, ``dt.float()``; Zamba2's scan also clamps dt below at time_step_min and
-    its step does not): in float64 the probe sees it and patching is the exact re-forward."""
+    its step does not): in float64 the adapter sees the float32 operations before any probe
+    (``low_precision_products``) and patching is the exact re-forward, one row per forward."""
     adapter = hybrid(name, torch.float64)
-    assert "disagrees with its full forward" in adapter.fast_refusal
-    assert adapter.fast_error > 1e-10
+    assert "lower precision" in adapter.fast_refusal
     assert check_patching(adapter, prompt(), "layer", n_patches=2) <= 1e-9
 
 
