@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache
 
+from causalnet.errors import UnsupportedModelError
 from causalnet.sites import Site
 
 from .hooks import call_model
 from .readout import accumulation_dtype, vocab_mean
+from .recorders import cache_keyword, find_cache
 from .records import CleanRun, PatchedRun
 
 #: How far below the patching tolerance (1e-4 float32, 1e-9 float64) a replay must agree with
@@ -120,18 +121,10 @@ def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
         out = model(input_ids=ids[:, :-1], use_cache=True)
-        cache = next(
-            (
-                v
-                for k in ("cache", "past_key_values", "cache_params")
-                if isinstance(v := out.get(k), Cache)
-            ),
-            None,
-        )
-        if cache is None:
+        try:
+            cache, keyword = find_cache(out), cache_keyword(model)
+        except UnsupportedModelError:
             return None
-        params = inspect.signature(model.forward).parameters
-        keyword = "cache" if "cache" in params else "past_key_values"
         step = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: cache}).logits[0, -1]
     scale = max(1.0, float(full.abs().max()))
     return float((full.double() - step.double()).abs().max()) / scale

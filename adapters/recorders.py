@@ -1,7 +1,7 @@
 """What :func:`causalnet.adapters.replay.capture` puts on the model's cache and calls to record
 the earlier positions' keys and values: the model's own ``cache.update`` (and a sparse-attention
-indexer's ``update_indexer``) wrapped to keep what it returns before position t, and the name
-under which the model's forward takes its cache."""
+indexer's ``update_indexer``) wrapped to keep what it returns before position t, the name
+under which the model's forward takes its cache, and the cache a forward returned."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from causalnet.errors import UnsupportedModelError
 
@@ -25,6 +26,15 @@ def cache_keyword(model: nn.Module) -> str:
     raise UnsupportedModelError(
         f"{type(model).__name__}.forward takes no cache (neither cache= nor past_key_values=)"
     )
+
+
+def find_cache(out: Any) -> Cache:
+    """The transformers ``Cache`` a model's forward returned; UnsupportedModelError if none."""
+    for key in ("cache", "cache_params", "past_key_values"):
+        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
+        if isinstance(value, Cache):
+            return value
+    raise UnsupportedModelError(f"the model returned no transformers Cache ({type(out).__name__})")
 
 
 def recording_update(cache: Any, prefix: dict[int, tuple[Tensor, Tensor]]) -> Callable:

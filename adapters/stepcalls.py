@@ -52,18 +52,10 @@ from causalnet.errors import UnsupportedModelError
 
 from .finalrows import forward_last
 from .hooks import HookSet, first, hidden_in, with_hidden_in
+from .recorders import find_cache
 from .tiling import HIDDEN, fill, mark, mode, signature, tile
 
 STATES = ("conv_states", "recurrent_states")
-
-
-def find_cache(out: Any) -> Cache:
-    """The transformers ``Cache`` a model's forward returned; UnsupportedModelError if none."""
-    for key in ("cache", "cache_params", "past_key_values"):
-        value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
-        if isinstance(value, Cache):
-            return value
-    raise UnsupportedModelError(f"the model returned no transformers Cache ({type(out).__name__})")
 
 
 def layer_kind(layer: Any, i: int) -> str:
