@@ -31,11 +31,11 @@ from causalnet.sites import Site
 
 from .base import CleanRun, PatchedRun, accumulation_dtype
 from .finalrows import (
-    MARGIN,
     MODULE_ERRORS,
     cached_step_error,
     centred_from_final,
-    probe_values,
+    probe_reference,
+    probe_tolerance,
     relative_difference,
     unsorted_run,
 )
@@ -44,7 +44,6 @@ from .heads import head_dots, head_term
 from .hooks import HookSet, first, with_first
 from .linears import fast_linears
 from .replay import block_calls
-from .trace import reforward_patch
 
 
 class _Layer:
@@ -215,7 +214,7 @@ def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) 
     are heads), else (why not, error or None)."""
     grans = ["layer"] + (["head"] if adapter.head_refusal is None else [])
     worst = 0.0
-    atol = (1e-9 if adapter.dtype == torch.float64 else 1e-4) / MARGIN
+    atol = probe_tolerance(adapter.dtype)
     gen = torch.Generator().manual_seed(seed)
     for gran in grans:
         try:
@@ -229,9 +228,7 @@ def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) 
         if gran == "head":
             last = adapter.arch.n_layers - 1
             sites = [s for s in sites if s.startswith(("attn.0.", f"attn.{last}."))]
-        parsed = [adapter.site(s) for s in sites]
-        values = probe_values(adapter, clean, sites, n_patches, gen)
-        want = reforward_patch(adapter, clean, parsed, values)
+        parsed, values, want = probe_reference(adapter, clean, sites, n_patches, gen)
         try:
             got = fast_patch(adapter, clean, parsed, values)
         except (UnsupportedModelError, *MODULE_ERRORS) as err:

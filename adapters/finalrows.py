@@ -10,8 +10,9 @@ adapter uses them. The pieces they have in common are here, once:
 - :func:`centred_from_final`: the centred logit from final residuals, without the vocabulary
   projection;
 - :func:`unsorted_run`: the :class:`PatchedRun` of rows computed in entry order;
-- :func:`probe_values` and :func:`relative_difference`: the probe's patch values, and how far a
-  replay is from the re-forward;
+- :func:`probe_values`, :func:`probe_reference`, :func:`probe_tolerance` and
+  :func:`relative_difference`: the probe's patch values, the re-forward a replay is checked
+  against, how close it must come, and how far it is;
 - :func:`cached_step_error`: how far the model's own cached decoding is from its full forward
   (where it is far, no replay from its cache can be exact, and the refusal says so);
 - :func:`low_precision_products`: the matrix products a float64 model computes in float32 (an
@@ -33,6 +34,7 @@ from .hooks import call_model
 from .readout import accumulation_dtype, vocab_mean
 from .recorders import cache_keyword, find_cache
 from .records import CleanRun, PatchedRun
+from .trace import reforward_patch
 
 #: How far below the patching tolerance (1e-4 float32, 1e-9 float64) a replay must agree with
 #: the re-forward on the probe before it is used: one probe prompt stands for every prompt, and
@@ -100,6 +102,22 @@ def probe_values(
     noise = torch.randn(len(sites), n_patches, base.shape[-1], generator=gen).double()
     scale = base.abs().amax(-1, keepdim=True)[:, None]
     return (base[:, None] + noise * scale).to(adapter.dtype).to(adapter.device)
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """How close a replay must come to the re-forward on the probe: a tenth (:data:`MARGIN`) of
+    the patching tolerance, 1e-4 (float32) / 1e-9 (float64) of max(1, |centred logit|)."""
+    return (1e-9 if dtype == torch.float64 else 1e-4) / MARGIN
+
+
+def probe_reference(
+    adapter: Any, clean: CleanRun, sites: list[str], n_patches: int, gen: torch.Generator
+) -> tuple[list[Site], Tensor, PatchedRun]:
+    """What a replay is checked against on the probe: the parsed ``sites``, their probe values
+    (:func:`probe_values`) and the hooked re-forward's run of them."""
+    parsed = [adapter.site(s) for s in sites]
+    values = probe_values(adapter, clean, sites, n_patches, gen)
+    return parsed, values, reforward_patch(adapter, clean, parsed, values)
 
 
 def relative_difference(got: PatchedRun, want: PatchedRun, clean: CleanRun) -> float:

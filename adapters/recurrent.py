@@ -54,7 +54,8 @@ from .finalrows import (
     MARGIN,
     MODULE_ERRORS,
     centred_from_final,
-    probe_values,
+    probe_reference,
+    probe_tolerance,
     relative_difference,
     unsorted_run,
 )
@@ -62,7 +63,6 @@ from .hooks import HookSet, first
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
 from .stepcalls import Prefix, step_calls, step_mismatch
-from .trace import reforward_patch
 
 __all__ = ["MARGIN", "Prefix", "check_recurrent", "recurrent_patch"]
 
@@ -133,16 +133,13 @@ def check_recurrent(
     [T] within a tenth of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred logit|) for
     every site, else (why not, error or None); (why, None) without a probe where the step is
     known to differ from the full forward (:func:`causalnet.adapters.stepcalls.step_mismatch`)."""
-    atol = (1e-9 if adapter.dtype == torch.float64 else 1e-4) / MARGIN
+    atol = probe_tolerance(adapter.dtype)
     mismatch = step_mismatch(adapter.model)
     if mismatch is not None:
         return mismatch, None
     clean = adapter.clean_run(tokens, "layer")
-    sites = adapter.sites("layer")
-    parsed = [adapter.site(s) for s in sites]
     gen = torch.Generator().manual_seed(seed)
-    values = probe_values(adapter, clean, sites, n_patches, gen)
-    want = reforward_patch(adapter, clean, parsed, values)
+    parsed, values, want = probe_reference(adapter, clean, adapter.sites("layer"), n_patches, gen)
     try:
         got = recurrent_patch(adapter, clean, parsed, values)
     except (CausalNetError, *MODULE_ERRORS) as err:
