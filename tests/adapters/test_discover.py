@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from tiny_models import DECODER_SIZES
 
 from causalnet.adapters import adapt
 from causalnet.adapters.generic import GenericAdapter
@@ -20,17 +21,7 @@ from causalnet.errors import ModelError, UnsupportedModelError
 
 
 def _base(**kw: object) -> dict:
-    cfg = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
-    cfg.update(kw)
-    return cfg
+    return {**DECODER_SIZES, **kw}
 
 
 # name -> (config class, model class, config kwargs, parallel residual, norm form, heads)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from tiny_models import DECODER_SIZES
 
 from causalnet.adapters import adapt, fastpatch
 from causalnet.adapters.generic import GenericAdapter
@@ -27,20 +28,7 @@ WINDOW = 3  # shorter than the prompt, so the windows cut
 
 
 def _base(**kw: object) -> dict:
-    cfg = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        vocab_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    cfg.update(kw)
-    return cfg
+    return {**DECODER_SIZES, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **kw}
 
 
 _GPT = dict(vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)

@@ -16,25 +16,16 @@ import dataclasses
 import pytest
 import torch
 import transformers as T
+from tiny_models import DECODER_SIZES
 from torch.nn import functional as F
 
 from causalnet.adapters import adapt, frozencache, linears, replay
 from causalnet.adapters.trace import reforward_patch
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=48,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
-
 
 def _llama(dtype: torch.dtype = torch.float64, **kw: object) -> T.PreTrainedModel:
     torch.manual_seed(0)
-    return T.LlamaForCausalLM(T.LlamaConfig(**{**TINY, **kw})).to(dtype).eval()
+    return T.LlamaForCausalLM(T.LlamaConfig(**{**DECODER_SIZES, **kw})).to(dtype).eval()
 
 
 def _watched(model: T.PreTrainedModel) -> list:
@@ -128,7 +119,7 @@ def test_the_clean_run_keeps_its_cache_and_patching_from_it_is_exact():
 
 
 def test_a_sliding_window_the_prompt_has_passed_keeps_no_cache():
-    cfg = T.MistralConfig(**TINY, sliding_window=3)
+    cfg = T.MistralConfig(**DECODER_SIZES, sliding_window=3)
     torch.manual_seed(0)
     model = T.MistralForCausalLM(cfg).double().eval()
     adapter = adapt(model, generic=True)

@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import DTYPES, REPRESENTATIVE, TINY_MODELS, make_tiny
+from tiny_models import DECODER_SIZES, DTYPES, REPRESENTATIVE, TINY_MODELS, make_tiny
 from torch import Tensor, nn
 
 from causalnet.adapters import TransformerAdapter
@@ -291,15 +291,7 @@ def test_a_discovered_model_has_no_scm_view_and_says_why() -> None:
     from causalnet.errors import ModelError  # noqa: PLC0415
 
     torch.manual_seed(0)
-    cfg = T.Qwen3Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        vocab_size=64,
-        head_dim=8,
-    )
+    cfg = T.Qwen3Config(**DECODER_SIZES, head_dim=8)
     adapter = adapt(T.Qwen3ForCausalLM(cfg).eval())
     with pytest.raises(ModelError, match="qwen3.*GenericAdapter.*not built"):
         to_scm(adapter)

@@ -47,6 +47,18 @@ from causalnet.adapters import TransformerAdapter, adapt
 
 VOCAB = 101
 PROMPT_LEN = 7
+#: The sizes of the tiny decoders that the discovery and fast-path tests build from Hugging Face
+#: configs (Llama, Qwen3, Mixtral ...): two layers of width 32, four heads sharing two key/value
+#: heads; each test adds what its family needs
+DECODER_SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
 RMS_IN_F32 = (
