@@ -33,7 +33,6 @@ from .base import CleanRun, PatchedRun, accumulation_dtype
 from .finalrows import (
     MODULE_ERRORS,
     cached_step_error,
-    centred_from_final,
     probe_reference,
     probe_tolerance,
     relative_difference,
@@ -201,10 +200,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
                 z[a_end:m_end] = cap.pre[layer] + cap.attn[layer] + vals[a_end:m_end]
                 num[a_end:m_end, col[f"mlp.{layer}"]] = vals_w[a_end:m_end]
         hooks.check(ran)
-        sigma = adapter.final_scale(z)
-        direct = num / sigma[:, None]
-        centred = centred_from_final(adapter, z, clean.target)
-    return unsorted_run(parsed, clean, order_t, direct, sigma, centred)
+    return unsorted_run(adapter, parsed, clean, order_t, z, num)
 
 
 def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) -> tuple:

@@ -9,7 +9,8 @@ adapter uses them. The pieces they have in common are here, once:
 - :func:`forward_last`: the model's own forward keeping the logits of its last position only;
 - :func:`centred_from_final`: the centred logit from final residuals, without the vocabulary
   projection;
-- :func:`unsorted_run`: the :class:`PatchedRun` of rows computed in entry order;
+- :func:`unsorted_run`: the :class:`PatchedRun` of rows computed in entry order, read out from
+  their final residuals;
 - :func:`probe_values`, :func:`probe_reference`, :func:`probe_tolerance` and
   :func:`relative_difference`: the probe's patch values, the re-forward a replay is checked
   against, how close it must come, and how far it is;
@@ -68,17 +69,23 @@ def centred_from_final(adapter: Any, z: Tensor, token: int) -> Tensor:
     return out * ro.logit_scale
 
 
+@torch.no_grad()
 def unsorted_run(
+    adapter: Any,
     parsed: list[Site],
     clean: CleanRun,
     order: Tensor,
-    direct: Tensor,
-    sigma: Tensor,
-    centred: Tensor,
+    z: Tensor,
+    num: Tensor,
 ) -> PatchedRun:
     """The :class:`PatchedRun` of rows computed with the sites in ``order`` (row r = sorted site
-    r // P, patch r % P): direct effects [S P, R], sigma and centred logits [S P] back in the
-    callers' site order."""
+    r // P, patch r % P) from their final residuals z [S P, d] and readout numerators num
+    [S P, R] (c_j . w_i per readout site j): each row read out at its own final scale sigma(z)
+    (Eq 13), its centred logit from z (:func:`centred_from_final`), back in the callers' site
+    order."""
+    sigma = adapter.final_scale(z)
+    direct = num / sigma[:, None]
+    centred = centred_from_final(adapter, z, clean.target)
     n_sites, n_read = len(parsed), len(clean.readout_sites)
     n_patch = sigma.numel() // n_sites
     inv = torch.argsort(order)

@@ -53,7 +53,6 @@ from causalnet.sites import Site
 from .finalrows import (
     MARGIN,
     MODULE_ERRORS,
-    centred_from_final,
     probe_reference,
     probe_tolerance,
     relative_difference,
@@ -120,10 +119,7 @@ def recurrent_patch(
                 z[run:enter] = clean._resid_pre[layer] + vals[run:enter]
                 num[run:enter, col[f"mixer.{layer}"]] = vals_w[run:enter]
         hooks.check(ran)
-        sigma = adapter.final_scale(z)
-        direct = num / sigma[:, None]
-        centred = centred_from_final(adapter, z, clean.target)
-    return unsorted_run(parsed, clean, order_t, direct, sigma, centred)
+    return unsorted_run(adapter, parsed, clean, order_t, z, num)
 
 
 def check_recurrent(
