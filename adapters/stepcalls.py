@@ -51,6 +51,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicLayer
 from causalnet.errors import UnsupportedModelError
 
 from .finalrows import forward_last
+from .frozencache import rows_copy
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .recorders import find_cache
 from .tiling import HIDDEN, fill, mark, mode, signature, tile
@@ -192,13 +193,10 @@ class Prefix:
         values the clean ones expanded (each row's step appends its own)."""
         if self.cache is None:
             return None
-        source, target = self.cache.layers[layer], cache.layers[layer]
-        kind = self.kinds[layer]
+        source, kind = self.cache.layers[layer], self.kinds[layer]
         if "state" in kind:
-            for attr in STATES:
-                for i, state in getattr(source, attr).items():
-                    if isinstance(state, Tensor):
-                        getattr(target, attr)[i] = state.expand(n, *state.shape[1:]).clone()
+            cache.layers[layer] = rows_copy(source, n, layer)
+        target = cache.layers[layer]
         if "kv" in kind:
             target.keys = source.keys.expand(n, *source.keys.shape[1:])
             target.values = source.values.expand(n, *source.values.shape[1:])
