@@ -16,8 +16,9 @@ adapter uses them. The pieces they have in common are here, once:
   against, how close it must come, and how far it is;
 - :func:`cached_step_error`: how far the model's own cached decoding is from its full forward
   (where it is far, no replay from its cache can be exact, and the refusal says so);
-- :func:`low_precision_products`: the matrix products a float64 model computes in float32 (an
-  MoE router): their rounding depends on the batch, so batched rows cannot be exact to 1e-9.
+- :func:`low_precision_ops`: the operations a float64 model computes in float32 whose
+  rounding depends on the batch (an MoE router's products or sigmoid), so batched rows cannot
+  be exact to 1e-9 there.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ _BATCH_DEPENDENT = (
 )
 
 
-def low_precision_products(model: nn.Module, tokens: Tensor) -> list[str]:
+def low_precision_ops(model: nn.Module, tokens: Tensor) -> list[str]:
     """The operations of a float64 model's forward on ``tokens`` [T] computed in a lower
     precision whose rounding depends on the batch (:data:`_BATCH_DEPENDENT`: Hugging Face MoE
     routers compute their logits, sigmoid or softmax in float32 even in a float64 model), as

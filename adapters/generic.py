@@ -45,7 +45,7 @@ from causalnet.sites import Site
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
-from .finalrows import low_precision_products
+from .finalrows import low_precision_ops
 from .frozencache import prefix_cache, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
@@ -96,10 +96,11 @@ class GenericAdapter(ResidualAdapter):
         """Why patching falls back to hooked re-forwards of the whole prompt, or None: patches
         replay the model's blocks at the final position (:mod:`causalnet.adapters.fastpatch`).
         Decided once, at the first use, by :func:`causalnet.adapters.fastpatch.check_fast` on
-        the probe (every site patched, fast vs re-forward). A float64 model that computes matrix
-        products in float32 (:func:`causalnet.adapters.finalrows.low_precision_products`: an
-        MoE router) is patched one row per forward, as the one-forward-per-patch oracle computes
-        it: their rounding depends on the batch, and batched rows were up to 6e-8 off."""
+        the probe (every site patched, fast vs re-forward). A float64 model that computes products
+        or elementwise transcendental functions in float32 (an MoE router:
+        :func:`causalnet.adapters.finalrows.low_precision_ops`) is patched one row per forward,
+        as the one-forward-per-patch oracle computes it: their rounding depends on the batch,
+        and batched rows were up to 6.2e-8 off."""
         return self._fast_check()[0]
 
     @property
@@ -113,14 +114,14 @@ class GenericAdapter(ResidualAdapter):
             if self._fast is None:
                 probe = probe_tokens(self.model, self.parts.vocab_size)[0]
                 f64 = self.dtype == torch.float64
-                low = low_precision_products(self.model, probe) if f64 else []
+                low = low_precision_ops(self.model, probe) if f64 else []
                 if low:
                     self._rows_per_forward = 1
                     self._fast = (
-                        f"this float64 model computes matrix products in lower precision "
-                        f"({', '.join(low[:3])}; e.g. an MoE router), whose rounding depends on "
-                        "how many rows are batched: every patch row is a forward of its own, as "
-                        "the one-forward-per-patch oracle computes it",
+                        f"this float64 model computes in lower precision operations whose "
+                        f"rounding depends on how many rows are batched ({', '.join(low[:3])}; "
+                        "e.g. an MoE router): every patch row is a forward of its own, as the "
+                        "one-forward-per-patch oracle computes it",
                         None,
                     )
                 else:

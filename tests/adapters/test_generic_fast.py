@@ -424,12 +424,12 @@ def test_a_float64_model_with_float32_router_parts_is_patched_one_row_per_forwar
     float64 model, and float32 rounding there depends on how many rows are batched: batched
     rows were 1.5e-8 to 6.2e-8 off the one-forward-per-patch oracle. The adapter sees the
     float32 operations, says so, and patches one row per forward: within 1e-9 (float64)."""
-    from causalnet.adapters.finalrows import low_precision_products  # noqa: PLC0415
+    from causalnet.adapters.finalrows import low_precision_ops  # noqa: PLC0415
     from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
 
     model = tiny_model(name, experts_implementation="eager").to(torch.float64)
     adapter = adapt(model, generic=True)
-    assert any("(float32)" in op for op in low_precision_products(model, _tokens()))
+    assert any("(float32)" in op for op in low_precision_ops(model, _tokens()))
     assert adapter.fast_refusal is not None
     assert "lower precision" in adapter.fast_refusal
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-9
@@ -441,10 +441,10 @@ def test_a_float64_model_whose_float32_parts_are_row_wise_keeps_the_fast_path(na
     """Hugging Face computes norms, rotary tables and softmax (attention, Mixtral's router) in
     float32 even in float64, row by row: no product or elementwise transcendental op is float32,
     so the fast path is kept, and agrees with the oracle within 1e-9."""
-    from causalnet.adapters.finalrows import low_precision_products  # noqa: PLC0415
+    from causalnet.adapters.finalrows import low_precision_ops  # noqa: PLC0415
 
     model = _model(name, torch.float64)
-    assert low_precision_products(model, _tokens()) == []
+    assert low_precision_ops(model, _tokens()) == []
     adapter = adapt(model, generic=True)
     assert adapter.fast_refusal is None, adapter.fast_refusal
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-9

@@ -153,7 +153,7 @@ def test_float64_refuses_a_step_that_computes_in_float32_and_patches_exactly(nam
     """Zamba's and Zamba2's own single steps compute their state update partly in float32
     (``A_log.float()``, ``dt.float()``; Zamba2's scan also clamps dt below at time_step_min and
     its step does not): in float64 the adapter sees the float32 operations before any probe
-    (``low_precision_products``) and patching is the exact re-forward, one row per forward."""
+    (``low_precision_ops``) and patching is the exact re-forward, one row per forward."""
     adapter = hybrid(name, torch.float64)
     assert "lower precision" in adapter.fast_refusal
     assert check_patching(adapter, prompt(), "layer", n_patches=2) <= 1e-9
