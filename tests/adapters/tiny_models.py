@@ -47,6 +47,13 @@ from causalnet.adapters import TransformerAdapter, adapt
 
 VOCAB = 101
 PROMPT_LEN = 7
+
+
+def decoder_prompt(length: int, vocab: int = 64, seed: int = 3) -> torch.Tensor:
+    """A seeded prompt of ``length`` token ids in [3, vocab) for the DECODER_SIZES models."""
+    return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed))
+
+
 #: The sizes of the tiny decoders that the discovery and fast-path tests build from Hugging Face
 #: configs (Llama, Qwen3, Mixtral ...): two layers of width 32, four heads sharing two key/value
 #: heads; each test adds what its family needs
