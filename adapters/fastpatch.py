@@ -43,6 +43,7 @@ from .heads import head_dots, head_term
 from .hooks import HookSet, first, with_first
 from .linears import fast_linears
 from .replay import block_calls
+from .rowattention import row_attention
 
 
 class _Layer:
@@ -150,7 +151,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     post = p.post_norms or [None] * p.n_layers
     ran: list[str] = []  # the hooks that must have fired
     want_z = head_gran or any(s.kind == "head" for s in parsed)
-    with HookSet() as hooks, torch.no_grad(), fast_linears(p.blocks):
+    with HookSet() as hooks, torch.no_grad(), fast_linears(p.blocks), row_attention():
         _hooks(adapter, hooks, state, want_z)
         for layer in range(p.n_layers):
             run, a_end, m_end = bound(2 * layer), bound(2 * layer + 1), bound(2 * layer + 2)

@@ -32,6 +32,8 @@ from transformers.cache_utils import (
 
 from causalnet.errors import UnsupportedModelError
 
+from .rowattention import prefixed
+
 
 class FrozenCache(Cache):
     """The clean run's cache, frozen: ``update(k, v, layer)`` returns the captured earlier keys
@@ -92,11 +94,7 @@ class FrozenCache(Cache):
         if layer_idx not in prefix:
             raise UnsupportedModelError(f"attention layer {layer_idx} updated no cache at t")
         k, v = prefix[layer_idx]
-        n = key_states.shape[0]
-        return (
-            torch.cat([k.expand(n, *k.shape[1:]), key_states], dim=-2),
-            torch.cat([v.expand(n, *v.shape[1:]), value_states], dim=-2),
-        )
+        return prefixed(k, key_states), prefixed(v, value_states)
 
     def update_indexer(self, key_states: Tensor, layer_idx: int) -> Tensor:
         indexer = self.__dict__["_indexer"]
