@@ -211,7 +211,9 @@ def _find_pair(block: str, rec: Recording, decl: Declaration | None, config: Any
             rec.out[a].reshape(1, -1).double(), rec.out[m].reshape(1, -1).double()
         )
         degenerate = min(abs(ca), abs(cm)) < 1e-3 or abs(float(cos)) > 0.999
-        if err < best_err and not degenerate:
+        # near-equal errors (a module and its identity dropout): the first pair named, so the
+        # refusal's text does not hang on the fit's last bits
+        if err < best_err * (1 - 1e-6) and not degenerate:
             best_err, best_pair = err, (a, m)
         if err <= tol * scale and not degenerate:
             ca, cm = snap_multiplier(ca, config, tol), snap_multiplier(cm, config, tol)
