@@ -347,7 +347,9 @@ class FinalStep:
             return self.adapter.attn_output(layer, zh), None
         contrib = self.adapter.head_outputs(layer, zh)  # [N, H, d]
         w = self.readout_dir
-        return contrib.sum(-2), contrib.to(accumulation_dtype(w.dtype)) @ w.to(
+        # the stream gets the model's own attention output, not the heads' sum: under a norm that
+        # rounds to float32 inside a float64 model (Gemma) the two differ by float32 rounding
+        return self.adapter.attn_output(layer, zh), contrib.to(accumulation_dtype(w.dtype)) @ w.to(
             accumulation_dtype(w.dtype)
         )
 
