@@ -85,6 +85,13 @@ class TransformerAdapter(ResidualAdapter):
         """The layer's attention output [..., H, dh] -> [..., d] (a family may fuse this)."""
         return self.head_outputs(layer, z).sum(-2)
 
+    def attn_and_heads(self, layer: int, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(the layer's attention output [..., d], its heads' parts [..., H, d]) from one
+        computation of the heads: their sum. A family whose attention output is not exactly the
+        heads' sum (a norm after the attention that rounds on its own) returns its own output."""
+        heads = self.head_outputs(layer, z)
+        return heads.sum(-2), heads
+
     @abstractmethod
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
         """The MLP's contribution from the residual it reads (its input norm inside): [..., d]."""

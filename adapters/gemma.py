@@ -186,10 +186,21 @@ class GemmaAdapter(TransformerAdapter):
         """Each head's share of attn.l at the post-attention norm's scale of this very run:
         ``share_h = gamma * o_h / sigma(o)``, o = o_proj(concat_h z_h), [..., H, dh] -> [..., H, d].
         They sum to ``attn.l = gamma * o / sigma(o)`` (up to rounding)."""
-        terms = self.head_terms(layer, z)
         o = self._body.layers[layer].self_attn.o_proj(z.flatten(-2))
+        return self._shares(layer, z, o)
+
+    def _shares(self, layer: int, z: Tensor, o: Tensor) -> Tensor:
+        """:meth:`head_outputs` given o = o_proj(concat_h z_h)."""
         inv, gamma = self.post_attention_frame(layer, o)
-        return (terms.to(inv.dtype) * inv.unsqueeze(-2) * gamma).to(z.dtype)
+        return (self.head_terms(layer, z).to(inv.dtype) * inv.unsqueeze(-2) * gamma).to(z.dtype)
+
+    def attn_and_heads(self, layer: int, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(attn.l, the heads' shares of it) from one o_proj: attn.l is the model's own norm
+        output, not the shares' sum, which differs from it by float32 rounding in a float64
+        model (Gemma's norm computes in float32)."""
+        block = self._body.layers[layer]
+        o = block.self_attn.o_proj(z.flatten(-2))
+        return block.post_attention_layernorm(o), self._shares(layer, z, o)
 
     def _check_granularity(self, granularity: str) -> None:
         """'layer' or 'head': Gemma's heads have shares of attn.l (:meth:`head_outputs`)."""

@@ -345,13 +345,10 @@ class FinalStep:
         zh = self.heads(layer, resid)
         if not per_head:
             return self.adapter.attn_output(layer, zh), None
-        contrib = self.adapter.head_outputs(layer, zh)  # [N, H, d]
-        w = self.readout_dir
-        # the stream gets the model's own attention output, not the heads' sum: under a norm that
-        # rounds to float32 inside a float64 model (Gemma) the two differ by float32 rounding
-        return self.adapter.attn_output(layer, zh), contrib.to(accumulation_dtype(w.dtype)) @ w.to(
-            accumulation_dtype(w.dtype)
-        )
+        # the heads' sum, or a family's own output where that differs (Gemma: attn_and_heads)
+        a, contrib = self.adapter.attn_and_heads(layer, zh)  # [N, d], [N, H, d]
+        acc = accumulation_dtype(self.readout_dir.dtype)
+        return a, contrib.to(acc) @ self.readout_dir.to(acc)
 
     def mlp(self, layer: int, resid: Tensor) -> Tensor:
         """The MLP's contribution m [N, d] of the rows (``mlp`` of the block methods)."""

@@ -8,11 +8,12 @@ layers' sub-modules and read their weights (``o_proj.weight``, ``norm.weight``) 
 dispatched model is wrapped (:func:`dispatch_adapter`) in a subclass of its family's adapter that,
 around every block method:
 
-- layer methods (``qkv``, ``head_outputs``, ``attn_output``, ``mlp`` of layer l) run on layer l's
-  execution device: the tensor arguments are moved there, every offloaded weight of the layer is
-  loaded onto that device for the duration of the call (``accelerate.utils.align_module_device``)
-  and the results are moved back to the main device. Parameter-free shared modules with an
-  accelerate hook (the rotary embedding) compute on the layer's device during the call.
+- layer methods (``qkv``, ``head_outputs``, ``attn_output``, ``attn_and_heads``, ``mlp`` of
+  layer l) run on layer l's execution device: the tensor arguments are moved there, every
+  offloaded weight of the layer is loaded onto that device for the duration of the call
+  (``accelerate.utils.align_module_device``) and the results are moved back to the main
+  device. Parameter-free shared modules with an accelerate hook (the rotary embedding) compute
+  on the layer's device during the call.
 - everything else (``embed``, ``final_scale``, ``logits``, ``readout``, ``centred_logit``) runs on
   the main device, with the offloaded non-layer weights loaded there.
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from ..adapters import TransformerAdapter
 
 #: The block methods that compute with one decoder layer's weights (first argument: the layer).
-LAYER_METHODS = ("qkv", "head_outputs", "attn_output", "mlp")
+LAYER_METHODS = ("qkv", "head_outputs", "attn_output", "attn_and_heads", "mlp")
 #: The block methods that compute with the weights outside the decoder layers.
 OUTER_METHODS = ("embed", "final_scale", "logits", "readout", "centred_logit")
 
