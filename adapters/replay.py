@@ -57,7 +57,7 @@ from .frozencache import FrozenCache, check_kv_only, is_cache
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .linears import fast_linears
 from .recorders import cache_keyword, recording_indexer, recording_update
-from .tiling import HIDDEN, fill, mark, mode, signature, tile
+from .tiling import HIDDEN, block_modes, fill, mark, signature, tile
 
 
 @dataclass
@@ -353,13 +353,5 @@ def block_calls(adapter: Any, prompt: Tensor, prefix: Any = None, clean: Any = N
     if sig not in known:
         two = capture(adapter, prompt, 2)
         names = adapter.parts.block_names
-        known[sig] = [
-            (
-                mode(a1, a2, f"block {names[i]} argument"),
-                mode(k1, k2, f"block {names[i]} keyword"),
-            )
-            for i, (a1, a2, k1, k2) in enumerate(
-                zip(one.args, two.args, one.kwargs, two.kwargs, strict=True)
-            )
-        ]
+        known[sig] = block_modes(names, (one.args, one.kwargs), (two.args, two.kwargs))
     return BlockCalls(adapter, one, known[sig])

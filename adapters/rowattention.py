@@ -73,8 +73,7 @@ class PrefixKV(Tensor):
     def full(self) -> Tensor:
         """The whole tensor (computed once)."""
         if self._full is None:
-            n = self.own.shape[0]
-            self._full = torch.cat([self.prefix.expand(n, *self.prefix.shape[1:]), self.own], -2)
+            self._full = _concatenated(self.prefix, self.own)
         return self._full
 
     @classmethod
@@ -93,6 +92,10 @@ def prefixed(prefix: Tensor, own: Tensor) -> Tensor:
     :class:`PrefixKV` inside :func:`row_attention`, else the concatenated tensor."""
     if getattr(_state, "on", False) and prefix.shape[0] == 1 and prefix.dtype == own.dtype:
         return PrefixKV(prefix, own)
+    return _concatenated(prefix, own)
+
+
+def _concatenated(prefix: Tensor, own: Tensor) -> Tensor:
     return torch.cat([prefix.expand(own.shape[0], *prefix.shape[1:]), own], dim=-2)
 
 

@@ -54,7 +54,7 @@ from .finalrows import forward_last
 from .frozencache import rows_copy
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .recorders import find_cache
-from .tiling import HIDDEN, fill, mark, mode, signature, tile
+from .tiling import HIDDEN, block_modes, fill, mark, signature, tile
 
 STATES = ("conv_states", "recurrent_states")
 
@@ -230,14 +230,6 @@ def step_calls(adapter: Any, prompt: Tensor) -> Prefix:
     known = _MODES.setdefault(adapter, {})
     if sig not in known:
         two = Prefix(adapter, prompt, batch=2)
-        known[sig] = [
-            (
-                mode(a1, a2, f"block {one.names[i]} argument"),
-                mode(k1, k2, f"block {one.names[i]} keyword"),
-            )
-            for i, (a1, a2, k1, k2) in enumerate(
-                zip(one.args, two.args, one.kwargs, two.kwargs, strict=True)
-            )
-        ]
+        known[sig] = block_modes(one.names, (one.args, one.kwargs), (two.args, two.kwargs))
     one.modes = known[sig]
     return one

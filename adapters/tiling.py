@@ -78,6 +78,17 @@ def mode(x1: Any, x2: Any, where: str) -> Any:
     return "same"
 
 
+def block_modes(
+    names: list[str], one: tuple[list, list], two: tuple[list, list]
+) -> list[tuple[Any, Any]]:
+    """Per block, the :func:`mode` of its arguments and of its keywords, from the blocks'
+    (args, kwargs) captured at batch 1 (``one``) and batch 2 (``two``)."""
+    return [
+        (mode(a1, a2, f"block {names[i]} argument"), mode(k1, k2, f"block {names[i]} keyword"))
+        for i, (a1, k1, a2, k2) in enumerate(zip(*one, *two, strict=True))
+    ]
+
+
 def tile(x: Any, mode: Any, n: int) -> Any:
     """``x`` (captured at batch 1) for n rows as ``mode`` (:func:`mode`) says."""
     if isinstance(mode, list):
