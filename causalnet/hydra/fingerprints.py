@@ -158,7 +158,9 @@ def adapter_fingerprint(adapter: TransformerAdapter) -> str:
             if param.device.type == "meta" or param.numel() == 0:
                 continue
             flat = param.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()))
+            # float64: a float32 linspace rounds the last index of a large parameter (numel
+            # 28,311,552: SmolLM2's embedding) up to numel, past the end
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), dtype=torch.float64)
             sample = flat[idx.long().to(flat.device)].to("cpu", torch.float64)
             h.update(sample.numpy().tobytes())
             bits = _INT_OF_SIZE.get(flat.element_size())
