@@ -36,6 +36,8 @@ GENERIC = {
         True,
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", _base(pad_token_id=0), False, "rms", True),
+    # one weightless norm module applied to the embeddings and again after the last block
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", _base(), False, "rms", True),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _base(), False, "rms", True),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _base(head_dim=8), False, "rms", True),
     "granite": (
@@ -208,6 +210,18 @@ def test_a_final_norm_of_unknown_form_is_refused_with_the_best_fit():
     model.model.norm = _StdNorm(32)
     with pytest.raises(UnsupportedModelError, match=r"final norm model\.norm .*no known form"):
         adapt(model)
+
+
+def test_a_final_norm_that_also_runs_before_the_first_block_is_found_by_its_last_call():
+    model = build("nanochat")  # float32: its norm computes in float32 in any model dtype
+    adapter = adapt(model, generic=True)
+    assert adapter.final_norm_module() is model.model.norm
+    clean = adapter.clean_run(TOKENS)
+    # read at the norm's last call: the direct effects sum to the centred logit (at its first
+    # call, on the embeddings, they would not)
+    total = float(clean.direct_effects.sum()) + clean.readout_const
+    assert abs(total - clean.centred_logit) < 1e-5 * max(1.0, abs(clean.centred_logit))
+    assert check_patching(adapter, TOKENS, "layer") < 1e-4
 
 
 def test_heads_under_a_norm_after_the_attention_are_shares_of_that_norm():
