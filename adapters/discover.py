@@ -49,7 +49,7 @@ from .measure import (
     snap_multiplier,
     subtree,
 )
-from .norms import FinalNorm, Readout, fit_final_norm, fit_readout
+from .norms import FinalNorm, Readout, fit_final_norm, fit_readout, input_scale
 from .onepart import NO_HEADS, find_mixers
 
 
@@ -124,7 +124,8 @@ class Decomposition:
             f"attn={self.attn_names[0]}, mlp={self.mlp_names[0]}, "
             f"{'parallel' if self.parallel_residual else 'sequential'} residual, final norm "
             f"{self.final_norm.form} ({self.final_norm.name or '-'}), logit scale "
-            f"{self.readout.logit_scale:g}, softcap {self.readout.softcap}, multipliers "
+            f"{self.readout.logit_scale:g}, input scale {self.readout.input_scale:g}, softcap "
+            f"{self.readout.softcap}, multipliers "
             f"{sorted(mult) or 'none'}, heads: {self.head_refusal or self.n_heads}"
         )
 
@@ -315,9 +316,12 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
             and (rec.once(n, shape) or _last_call_reads(rec, n, shape))
             and rec.out[n].shape == rec.inp[u_name].shape
             and rel_err(rec.inp[n], z_last) <= tol
-            and rel_err(rec.out[n], rec.inp[u_name]) <= tol
+            and input_scale(rec.out[n], rec.inp[u_name], tol) is not None
         ]
-        norm_name = min(cands, key=lambda n: n.count(".")) if cands else ""
+        # the unembedding reading the norm's output itself first, then a constant times it
+        # (MiniCPM3 divides by logits_scaling in between)
+        exact = [n for n in cands if rel_err(rec.out[n], rec.inp[u_name]) <= tol]
+        norm_name = min(exact or cands, key=lambda n: n.count(".")) if cands else ""
     if norm_name and rel_err(rec.inp.get(norm_name, z_last.new_empty(0)), z_last) > tol:
         raise UnsupportedModelError(f"the final norm {norm_name} does not read the last block")
     if not norm_name and rel_err(rec.inp[u_name], z_last) > tol:
@@ -336,6 +340,8 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
         mods[norm_name] if norm_name else None, norm_name, rec.inp.get(norm_name, z_last), config
     )
     readout = fit_readout(unembed, rec.inp[u_name], rec.out[u_name], rec.logits, config)
+    if norm_name:
+        readout.input_scale = input_scale(rec.out[norm_name], rec.inp[u_name], tol) or 1.0
     family = str(getattr(config, "model_type", None) or type(model).__name__)
     if found:
         return Decomposition(

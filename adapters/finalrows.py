@@ -59,12 +59,13 @@ def forward_last(model: nn.Module, **kwargs: Any) -> Any:
 
 def centred_from_final(adapter: Any, z: Tensor, token: int) -> Tensor:
     """The centred logit of ``token`` (before any cap) from final residuals z [N, d]: the model's
-    final norm module, then s * (the unembedding row of ``token`` - the mean row) and bias."""
+    final norm module, times the readout's input scale c, then s * (the unembedding row of
+    ``token`` - the mean row) and bias."""
     ro, norm = adapter.parts.readout, adapter.parts.final_norm
     acc = accumulation_dtype(z.dtype)
     x = z if norm.module is None else norm.module(z[:, None])[:, 0]
     u = (ro.weight[token] - vocab_mean(ro.weight)).to(acc)
-    out = x.to(acc) @ u
+    out = (x.to(acc) @ u) * ro.input_scale
     if ro.bias is not None:
         out = out + (ro.bias[token].to(acc) - ro.bias.to(acc).mean())
     return out * ro.logit_scale

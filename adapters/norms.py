@@ -24,6 +24,7 @@ centred logit of token i is  ``sum_sites (c . w_i) / sigma + const_i`` with
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -152,13 +153,15 @@ def fit_final_norm(
 
 @dataclass
 class Readout:
-    """The unembedding and what follows it: ``logits = cap(s * (W_U x + beta))``."""
+    """The unembedding and what surrounds it: ``logits = cap(s * (W_U (c n) + beta))`` with n
+    the final norm's output (c = 1 but in MiniCPM3, which divides n by ``logits_scaling``)."""
 
     unembed: nn.Module
     weight: Tensor  # W_U [V, d]
     bias: Tensor | None  # beta [V]
     logit_scale: float  # s
     softcap: float | None  # Gemma 2: pi -> c * tanh(pi / c); the readout is before the cap
+    input_scale: float = 1.0  # c: the unembedding's input is c times the final norm's output
 
     def logits(self, unembedded: Tensor) -> Tensor:
         """The model's logits from the unembedding's output (applies s and the cap)."""
@@ -177,6 +180,7 @@ class Readout:
         acc = accumulation_dtype(self.weight.dtype)
         with torch.no_grad():
             u = (self.weight[token] - vocab_mean(self.weight)).to(acc) * self.logit_scale
+            u = u * self.input_scale
             const = 0.0
             if self.bias is not None:
                 const += float(self.bias[token].to(acc) - self.bias.to(acc).mean())
@@ -187,6 +191,27 @@ class Readout:
             if norm.form == "layer":
                 w = w - w.mean()
         return w, const
+
+
+def input_scale(x: Tensor, y: Tensor, tol: float) -> float | None:
+    """c with ``y = c x`` within ``tol`` of y's scale: 1.0 where y is x, a least-squares c
+    where y is a constant times x (MiniCPM3's final norm output / logits_scaling), else None.
+
+    >>> input_scale(torch.ones(3), torch.full((3,), 0.5), 1e-6)
+    0.5
+    """
+    if x.shape != y.shape:
+        return None
+    if rel_err(x, y) <= tol:
+        return 1.0
+    xd, yd = x.detach().double(), y.detach().double()
+    den = float((xd * xd).sum())
+    if den == 0.0:
+        return None
+    c = float((xd * yd).sum()) / den
+    if not math.isfinite(c) or c == 0.0 or rel_err(xd * c, yd) > tol:
+        return None
+    return c
 
 
 def fit_readout(

@@ -101,7 +101,7 @@ def verify(adapter: Any, tokens: Tensor | None = None) -> Verification:
         raise _fail("Eq 21 (embed + every site = the final residual)", eq21, tol)
     ro = p.readout
     with torch.no_grad():
-        unembedded = p.final_norm.apply(tr.final) @ ro.weight.T
+        unembedded = (p.final_norm.apply(tr.final) * ro.input_scale) @ ro.weight.T
         if ro.bias is not None:
             unembedded = unembedded + ro.bias
         logit_err = rel_err(ro.logits(unembedded), tr.logits.double())

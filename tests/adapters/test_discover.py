@@ -8,6 +8,8 @@ that family's adapter (block methods and fast patch engine: independent code). T
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as T
@@ -16,6 +18,7 @@ from tiny_models import DECODER_SIZES
 from causalnet.adapters import adapt
 from causalnet.adapters.generic import GenericAdapter
 from causalnet.adapters.naive import naive_patch, naive_readout
+from causalnet.adapters.tiny_configs import tiny_model
 from causalnet.adapters.verify import check_patching
 from causalnet.errors import ModelError, UnsupportedModelError
 
@@ -222,6 +225,29 @@ def test_a_final_norm_that_also_runs_before_the_first_block_is_found_by_its_last
     total = float(clean.direct_effects.sum()) + clean.readout_const
     assert abs(total - clean.centred_logit) < 1e-5 * max(1.0, abs(clean.centred_logit))
     assert check_patching(adapter, TOKENS, "layer") < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
+def test_an_unembedding_reading_a_constant_times_the_final_norm_is_read_out_with_it(dtype, tol):
+    # MiniCPM3: lm_head(norm(z) / logits_scaling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model("minicpm3").to(dtype)
+    scaling = model.config.logits_scaling
+    assert scaling != 1.0
+    adapter = adapt(model, generic=True)
+    assert adapter.final_norm_module() is model.model.norm
+    assert adapter.parts.readout.input_scale == pytest.approx(1 / scaling, rel=1e-6)
+    tokens = TOKENS[TOKENS < model.config.vocab_size]
+    clean = adapter.clean_run(tokens)
+    logits = model(input_ids=tokens[None]).logits[0, -1].double()
+    want = float(logits[clean.target] - logits.mean())
+    assert abs(clean.centred_logit - want) <= tol * max(1.0, abs(want))
+    # the direct effects carry the input scale (off by 1 / logits_scaling without it); 1e-6:
+    # the model's RMSNorm rounds to float32 even in a float64 model, the readout's sigma does not
+    total = float(clean.direct_effects.sum()) + clean.readout_const
+    assert abs(total - want) <= max(tol, 1e-6) * max(1.0, abs(want))
+    assert check_patching(adapter, tokens, "layer") <= tol
 
 
 def test_heads_under_a_norm_after_the_attention_are_shares_of_that_norm():
