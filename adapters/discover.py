@@ -137,19 +137,6 @@ def _module(model: nn.Module, path: str, what: str) -> nn.Module:
         raise UnsupportedModelError(f"declared {what} {path!r} is not a submodule: {err}") from err
 
 
-def _last_call_reads(rec: Recording, name: str, shape: torch.Size) -> bool:
-    """``name`` ran more than once, its last call with an input and an output of ``shape`` (the
-    recording keeps each module's last call): a final norm that also runs elsewhere, such as
-    nanochat's one weightless norm applied to the embeddings and again after the last block."""
-    return (
-        rec.calls.get(name, 0) > 1
-        and name in rec.inp
-        and name in rec.out
-        and rec.inp[name].shape == shape
-        and rec.out[name].shape == shape
-    )
-
-
 def _find_blocks(model: nn.Module, rec: Recording, declared: str | None) -> list[str]:
     """Names of the decoder blocks: the longest ModuleList whose children run once each and
     chain (block l + 1 reads block l's output)."""
@@ -313,7 +300,7 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
             for n in rec.calls
             if n not in blocks
             and not n.startswith(inside)
-            and (rec.once(n, shape) or _last_call_reads(rec, n, shape))
+            and (rec.once(n, shape) or rec.last_call(n, shape))
             and rec.out[n].shape == rec.inp[u_name].shape
             and rel_err(rec.inp[n], z_last) <= tol
             and input_scale(rec.out[n], rec.inp[u_name], tol) is not None

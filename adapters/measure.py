@@ -20,7 +20,8 @@ PROBE_SHAPE = (2, 8)  # probe batch and length
 
 
 class Recording:
-    """Every module's hidden-state input, first output and number of calls in one forward."""
+    """Every module's hidden-state input and output (of its last call) and number of calls in one
+    forward."""
 
     def __init__(self, model: nn.Module, tokens: Tensor) -> None:
         self.inp: dict[str, Tensor] = {}
@@ -55,6 +56,18 @@ class Recording:
                 self.out[name] = y.detach().clone()
 
         return hook
+
+    def last_call(self, name: str, shape: torch.Size) -> bool:
+        """Called more than once, the last call (the one kept) with an input and an output of
+        ``shape``: a final norm that also runs elsewhere, such as nanochat's one weightless norm
+        applied to the embeddings and again after the last block."""
+        return (
+            self.calls.get(name, 0) > 1
+            and name in self.inp
+            and name in self.out
+            and self.inp[name].shape == shape
+            and self.out[name].shape == shape
+        )
 
     def once(self, name: str, shape: torch.Size) -> bool:
         """Called exactly once, with an input and an output of ``shape``."""
