@@ -166,27 +166,61 @@ def check_kv_only(cache: Any) -> None:
             )
 
 
+def _plain_layers(cache: Any, n_pos: int) -> list[Any] | None:
+    """The cache's layers if every one is a plain (sliding-window) key/value layer holding all
+    ``n_pos`` positions of the forward, else None."""
+    layers = list(getattr(cache, "layers", None) or ()) if is_cache(cache) else []
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return None
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, Tensor) or keys.shape[-2] != n_pos:
+            return None
+    return layers or None
+
+
+def _within_windows(layers: list[Any], t: int) -> bool:
+    """No sliding-window layer has dropped a position of 0..t (the window holds t + 1 more)."""
+    windows = [getattr(layer, "sliding_window", None) for layer in layers]
+    return all(w is None or t + 1 < w for w in windows)
+
+
 def prefix_cache(cache: Any, t: int) -> Any:
     """The model's cache of a clean forward over positions 0..t cut back to 0..t-1 (in place),
     or None where it cannot be cut exactly: no cache, t = 0, or a layer that is not a plain
     key/value layer holding all t + 1 positions (a sliding-window layer past its window, a
     convolution or recurrent state). :func:`capture` then runs the model on the prefix itself."""
-    if t == 0 or not is_cache(cache):
-        return None
-    layers = getattr(cache, "layers", None) or ()
-    for layer in layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            return None
-        keys = getattr(layer, "keys", None)
-        if not isinstance(keys, Tensor) or keys.shape[-2] != t + 1:
-            return None
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and t + 1 >= window:
-            return None
-    if not layers:
+    layers = _plain_layers(cache, t + 1)
+    if t == 0 or layers is None or not _within_windows(layers, t):
         return None
     cache.crop(-1)
     return cache
+
+
+def prefix_caches(cache: Any, ts: list[int]) -> list[Any]:
+    """Each prompt's :func:`prefix_cache` from the cache of one right-padded forward of several
+    prompts (prompt b read at its position ``ts[b]``, the batch padded to max(ts) + 1): row b
+    of every layer cut to positions 0..ts[b] - 1, copied; None for a prompt where that is not
+    exact (as :func:`prefix_cache`). Under causal attention a prompt's positions before its
+    own t never read the padding after them, so each cut equals that prompt's own forward's
+    up to the rounding of batched products."""
+    layers = _plain_layers(cache, max(ts) + 1) if ts else None
+    out: list[Any] = []
+    for b, t in enumerate(ts):
+        if t == 0 or layers is None or not _within_windows(layers, t):
+            out.append(None)
+            continue
+        one = copy.copy(cache)
+        one.layers = []
+        for layer in layers:
+            mine = copy.copy(layer)
+            mine.keys = layer.keys[b : b + 1, :, :t].clone()
+            mine.values = layer.values[b : b + 1, :, :t].clone()
+            if isinstance(mine, DynamicSlidingWindowLayer):
+                mine.cumulative_length = t
+            one.layers.append(mine)
+        out.append(one)
+    return out
 
 
 #: id(clean run) -> the model's cache of its earlier positions (:func:`remember_prefix`)

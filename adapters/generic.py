@@ -46,7 +46,7 @@ from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
 from .finalrows import low_precision_ops
-from .frozencache import prefix_cache, remember_prefix
+from .frozencache import prefix_cache, prefix_caches, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
 from .readout import accumulation_dtype
@@ -189,7 +189,8 @@ class GenericAdapter(ResidualAdapter):
         self._check_granularity(granularity)
         padded, toks, ts = self.pad_prompts(prompts, positions)
         at = torch.tensor(ts, device=self.device)
-        # one prompt: the model's own cache of its earlier positions is kept for fast patching
+        # the model's own cache of each prompt's earlier positions is kept for fast patching
+        # (cut from the padded forward's: frozencache.prefix_caches)
         single = len(toks) == 1
         # under the lock: the kernels are swapped into the modules for this forward only
         with self._lock, fast_linears(self.parts.blocks):
@@ -198,7 +199,7 @@ class GenericAdapter(ResidualAdapter):
                 at=at,
                 heads=self.parts.o_proj is not None,
                 last_only=single,
-                keep_cache=single,
+                keep_cache=True,
             )
         values = site_values(tr, self.arch.n_layers, granularity)
         sigmas = self.final_scale(tr.final)
@@ -241,6 +242,9 @@ class GenericAdapter(ResidualAdapter):
             )
         if single:
             remember_prefix(out[0], prefix_cache(tr.cache, ts[0]))
+        else:
+            for run, kept in zip(out, prefix_caches(tr.cache, ts), strict=True):
+                remember_prefix(run, kept)
         return out
 
     def final_values(

@@ -1,5 +1,9 @@
 """Benchmark (issue 11): the generic (discovered) adapter's fast patching, side by side.
 
+Prompts are timed as a sweep computes them: each prompt's clean run comes from one forward of
+its group of consecutive prompts (:mod:`causalnet.hydra.cleanruns`, timed with the prompt that
+asks for the group first), then its patches.
+
 1. The bundled SmolLM2-135M: per prompt, the full sweep (clean run + every attention and MLP
    site, 60, with K = 15 resample patches, every readout) through the hand-written Llama adapter
    and through the generic adapter of the same model (``adapt(model, generic=True)``), timed
@@ -8,7 +12,8 @@
    |value|), else the script exits with status 1 and writes nothing.
 2. Random-weight models of SmolLM2's width and depth (d = 576, 30 layers, 9 heads, 3 KV heads,
    MLP 1536; Mixtral: 4 experts of 768, top-2) of types with no hand-written adapter (Qwen3,
-   Mixtral, Phi-3): the generic fast path (clean run + patch) against the batched naive
+   Mixtral, Phi-3): the generic fast path (clean run + patch; for the speedups the first prompt's
+   clean run alone) against the batched naive
    re-forwards -- ``naive_patch(batched=True)`` (one hooked full forward of K sequences per
    site, as ``bench_sweep.py``'s way (b), the clean target given for free) and the generic
    adapter's own fallback ``reforward_patch`` (all rows in chunks, last-position logits only) --
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import statistics
@@ -44,6 +50,8 @@ from generic_report import render, summary_table
 
 from causalnet.adapters import adapt, kernels, load, replay
 from causalnet.adapters.trace import reforward_patch
+from causalnet.hydra import cleanruns
+from causalnet.hydra.cleanruns import CleanGroups
 from causalnet.hydra.data import load_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -181,9 +189,8 @@ def breakdown(
     clock.install()
     clean_s = patch_s = flops = 0.0
     try:
-        for tokens, v in zip(prompts, values, strict=True):
-            clean, dt = timed(lambda t=tokens: adapter.clean_run(t))
-            clean_s += dt
+        cleans, clean_s = timed(lambda: adapter.clean_runs(prompts))  # one group, as a sweep
+        for tokens, clean, v in zip(prompts, cleans, values, strict=True):
             patch_s += timed(lambda c=clean, v=v: adapter.patch(c, sites, v))[1]
             flops += patch_flops(name, len(tokens) - 1, 30, K)
     finally:
@@ -200,6 +207,14 @@ def breakdown(
     }
 
 
+def way_sweep(adapter: Any, groups: CleanGroups, prompts: list, i: int, sites: list, values):
+    """Prompt ``i`` of ``prompts`` as a sweep computes it: its clean run from its group's forward
+    (computed at the group's first request), then every site's patches."""
+    clean = groups.take(adapter, prompts, "layer", i)
+    run = adapter.patch(clean, sites, values)
+    return Readouts(run.centred_logit, run.sigma, run.direct_effects)
+
+
 def smollm2(
     hand: Any, prompts: list[torch.Tensor], n_timed: int, warm: list[torch.Tensor]
 ) -> dict[str, Any]:
@@ -214,15 +229,16 @@ def smollm2(
         raise SystemExit(f"generic and hand-written disagree on SmolLM2: {diffs}")
     warm_s = {"hand": warm_up(hand, warm), "generic": warm_up(gen, warm)}
     times: dict[str, list[float]] = {"hand": [], "generic": []}
+    timed_p = prompts[1 : n_timed + 1]
+    kept = {id(hand): CleanGroups(), id(gen): CleanGroups()}
     counter = CaptureCount()
     replay.capture = counter
     try:
         for i in range(1, n_timed + 1):
             values = resample(hand, prompts, i)
             for name, a in (("hand", hand), ("generic", gen)):
-                times[name].append(
-                    timed(lambda a=a, p=prompts[i], v=values: way_c(a, p, sites, v))[1]
-                )
+                one = functools.partial(way_sweep, a, kept[id(a)], timed_p, i - 1, sites, values)
+                times[name].append(timed(one)[1])
     finally:
         replay.capture = counter.real
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -279,9 +295,12 @@ def random_model(
     t_fast = [t_fast0]
     same = [t_fast0] + [timed(lambda: way_c(gen, prompts[0], sites, values))[1] for _ in range(3)]
     flops = [patch_flops(name, len(prompts[0]) - 1, 30, K)]
+    kept, timed_p = CleanGroups(), prompts[1:n_timed]
     for i in range(1, n_timed):
         values = resample(gen, prompts, i)
-        t_fast.append(timed(lambda v=values, i=i: way_c(gen, prompts[i], sites, v))[1])
+        t_fast.append(
+            timed(lambda v=values, i=i: way_sweep(gen, kept, timed_p, i - 1, sites, v))[1]
+        )
         flops.append(patch_flops(name, len(prompts[i]) - 1, 30, K))
     extra_values = [resample(gen, prompts, i) for i in range(1, 4)]
     return {
@@ -325,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "k": K,
         "sizes": SMOL,
+        "groups": {"prompts": cleanruns.GROUP, "tokens": cleanruns.GROUP_TOKENS},
     }
     r["gemm_before"] = gemm_rates(torch.device("cpu"), seconds=0.5)
     hand = load("smollm2-135m")

@@ -30,11 +30,12 @@ def breakdown_lines(r: dict[str, Any], mm: float) -> list[str]:
             rows.append((f"{name} (random), generic", m["breakdown"]))
     if not rows:
         return []
+    grouped = " (their clean runs in one forward, as a sweep's group)" if r.get("groups") else ""
     lines = [
         "",
         "## Where the fast paths' time goes",
         "",
-        f"Prompts 2-4 run again after the timed ones, each linear-kernel call timed "
+        f"Prompts 2-4 run again after the timed ones{grouped}, each linear-kernel call timed "
         f"(matmul rate: {mm:.0f} GFLOP/s).",
         "",
         "| model, path | clean runs s | patches s | in linear kernels s | linear kernels' "
@@ -142,5 +143,12 @@ def render(r: dict[str, Any]) -> str:
         "untimed warm-up prompts as above; fast s / prompt is the median of the timed prompts, "
         "GFLOP/s over all of them.",
     ]
+    if r.get("groups"):
+        g = r["groups"]
+        lines[-1] += (
+            f" The timed prompts after the first take their clean runs as a sweep does: one "
+            f"forward per group of up to {g['prompts']} consecutive prompts ({g['tokens']} padded "
+            "tokens; causalnet.hydra.cleanruns), timed with the group's first prompt."
+        )
     lines += breakdown_lines(r, mm)
     return "\n".join(lines) + "\n"

@@ -17,14 +17,15 @@ sites and the ablation pool, :mod:`causalnet.hydra.pool`); :func:`compute_prompt
 prompt's rows from a plan, an adapter and the prompt's index. It is pure -- its random draws
 depend on (seed, prompt index) only -- so any executor (:mod:`causalnet.hydra.executors`) may
 run the prompts in any order, in threads or on other machines, and write what one process
-writes. This module imports no executor and writes nothing.
+writes (clean runs are batched in groups fixed by the plan: :mod:`causalnet.hydra.cleanruns`).
+This module imports no executor and writes nothing.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from ..errors import CausalNetError, ResultsError, ShapeError
 from ..sites import members, parse_site_set, parse_unit, unit_sort_key
+from .cleanruns import CleanGroups
 from .config import SweepConfig, site_patterns
 from .data import Prompt, PromptId, check_lengths, load_prompts
 from .pool import ablation_values, build_pool
@@ -56,6 +58,8 @@ class SweepPlan:
     sites: list[str]
     readout_sites: list[str]
     pool: Tensor  # [n_prompts, n_sites, d]
+    #: the prompts' clean runs, a group of consecutive prompts per forward (:mod:`.cleanruns`)
+    clean_runs: CleanGroups = field(default_factory=CleanGroups, repr=False, compare=False)
 
 
 @dataclass
@@ -174,9 +178,10 @@ def plan_sweep(
 def compute_prompt(
     adapter: TransformerAdapter, plan: SweepPlan, index: int, keep_patches: bool
 ) -> PromptRows:
-    """The clean run, the batched ablated runs and the rows of prompt ``plan.prompts[index]``."""
+    """The clean run (run with its group's: :mod:`causalnet.hydra.cleanruns`), the batched
+    ablated runs and the rows of prompt ``plan.prompts[index]``."""
     config, prompt = plan.config, plan.prompts[index]
-    clean = adapter.clean_run(plan.tokens[index], granularity=config.granularity)
+    clean = plan.clean_runs.take(adapter, plan.tokens, config.granularity, index)
     values, source_rows = ablation_values(config, plan.pool, index)
     if any("+" in s for s in plan.sites):  # sets: one value per member, all from one source
         columns = pool_sites(plan.sites, plan.readout_sites)

@@ -190,3 +190,47 @@ def test_a_prompts_patch_is_the_same_whether_its_arguments_were_shared_or_captur
     after = shared.patch(shared.clean_run(prompts[2]), sites, values)  # from the template
     for name in ("centred_logit", "sigma", "direct_effects"):
         assert torch.equal(getattr(alone, name), getattr(after, name)), name
+
+
+def test_batched_clean_runs_keep_each_prompts_cache_and_patching_from_them_is_exact():
+    adapter = adapt(_llama(), generic=True)
+    assert adapter.fast_refusal is None
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=gen) for n in (5, 9, 1, 7)]
+    runs = adapter.clean_runs(prompts)
+    kept = [frozencache.prefix_of(run) for run in runs]
+    assert [c is not None for c in kept] == [True, True, False, True]  # 1 token: no earlier
+    for prompt, cache in zip(prompts, kept, strict=True):
+        if cache is not None:  # each prompt's own rows and positions, not the padded batch's
+            assert cache.get_seq_length() == len(prompt) - 1
+            assert all(layer.keys.shape[0] == 1 for layer in cache.layers)
+    sites = adapter.sites()
+    for run, prompt in zip(runs, prompts, strict=True):
+        single = adapter.clean_run(prompt)
+        torch.testing.assert_close(run.site_values, single.site_values, rtol=1e-12, atol=1e-12)
+        values = torch.randn(len(sites), 2, 32, dtype=torch.float64, generator=gen)
+        got = adapter.patch(run, sites, values)
+        oracle = reforward_patch(adapter, single, [adapter.site(s) for s in sites], values)
+        for name in ("centred_logit", "sigma", "direct_effects"):
+            torch.testing.assert_close(
+                getattr(got, name), getattr(oracle, name), rtol=1e-9, atol=1e-9
+            )
+
+
+def test_a_batched_clean_run_keeps_no_cache_past_a_sliding_window():
+    torch.manual_seed(0)
+    model = T.MistralForCausalLM(T.MistralConfig(**{**DECODER_SIZES, "sliding_window": 6}))
+    adapter = adapt(model.to(torch.float64).eval(), generic=True)
+    gen = torch.Generator().manual_seed(4)
+    short, long = (torch.randint(3, 64, (n,), generator=gen) for n in (4, 12))
+    # padded to 12 positions the window dropped the earliest: neither prompt's cut is exact
+    assert all(frozencache.prefix_of(r) is None for r in adapter.clean_runs([short, long]))
+    # two short prompts within the window: both kept
+    both = adapter.clean_runs([short, short[:3]])
+    assert [frozencache.prefix_of(r).get_seq_length() for r in both] == [3, 2]
+    sites = adapter.sites()
+    values = torch.randn(len(sites), 2, 32, dtype=torch.float64, generator=gen)
+    for run in adapter.clean_runs([short, long]) + both:
+        got = adapter.patch(run, sites, values)
+        oracle = reforward_patch(adapter, run, [adapter.site(s) for s in sites], values)
+        torch.testing.assert_close(got.centred_logit, oracle.centred_logit, rtol=1e-9, atol=1e-9)
