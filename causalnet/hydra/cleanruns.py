@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -58,6 +58,33 @@ def groups(lengths: list[int]) -> list[range]:
     if lengths:
         out.append(range(start, len(lengths)))
     return out
+
+
+def group_numbers(lengths: list[int]) -> list[int]:
+    """Each prompt's group number under :func:`groups`."""
+    return [g for g, members in enumerate(groups(lengths)) for _ in members]
+
+
+def next_for(
+    queue: deque[int], worker: int, owners: dict[int, int], group_of: list[int], alive: list[bool]
+) -> int:
+    """Pop from ``queue`` the next prompt for ``worker`` so that a group's prompts go to one
+    worker (each worker computes a group's clean runs once, for all of it): the first prompt of
+    a group this worker owns, or that no live worker owns (the worker takes it over); failing
+    both, the first prompt (another worker's group: computed again there, same numbers). Ray's
+    dispatch (:class:`causalnet.hydra.distributed.RayExecutor`).
+
+    >>> q, owners, of = deque([0, 1, 2, 3]), {}, [0, 0, 1, 1]
+    >>> next_for(q, 0, owners, of, [True, True]), next_for(q, 1, owners, of, [True, True])
+    (0, 2)
+    """
+    for k, index in enumerate(queue):
+        owner = owners.get(group_of[index])
+        if owner is None or owner == worker or not alive[owner]:
+            owners[group_of[index]] = worker
+            del queue[k]
+            return index
+    return queue.popleft()
 
 
 class CleanGroups:

@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CausalNetError
+from .cleanruns import group_numbers, next_for
 from .config import SweepConfig
 from .plan import PromptRows, SweepPlan, compute_prompt
 
@@ -258,7 +259,8 @@ class RayExecutor:
             state = RayProgress(actors, [True] * n, [0] * n, [0] * n, plan_ref=[packed])
             state.time_start_s = t_start - t0
             self.stats = state
-            self._loop(ray, state, todo, write, figure_prompts, progress)
+            group_of = group_numbers([len(t) for t in plan.tokens])
+            self._loop(ray, state, todo, write, figure_prompts, progress, group_of)
             state.time_total_s = time.perf_counter() - t0
             return state
         finally:
@@ -275,6 +277,7 @@ class RayExecutor:
         write: Callable[[PromptRows], None],
         figure_prompts: int,
         progress: bool,
+        group_of: list[int],
     ) -> None:
         from ray.exceptions import RayActorError
 
@@ -283,6 +286,7 @@ class RayExecutor:
         died = getattr(ray.exceptions, "ActorDiedError", RayActorError)
 
         queue = deque(todo)
+        owners: dict[int, int] = {}  # clean-run group -> the worker computing it (cleanruns)
         pending: dict[Any, tuple[int, int]] = {}  # ref -> (prompt index, worker slot)
         load = state.in_flight
         last_error: BaseException | None = None
@@ -291,7 +295,7 @@ class RayExecutor:
             while queue or pending:
                 for slot, actor in enumerate(state.workers):
                     while state.alive[slot] and load[slot] < self.in_flight and queue:
-                        index = queue.popleft()
+                        index = next_for(queue, slot, owners, group_of, state.alive)
                         if index in state.written:
                             continue
                         ref = actor.compute.remote(state.plan_ref, index, index < figure_prompts)

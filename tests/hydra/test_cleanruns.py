@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import pickle
 import threading
+from collections import deque
 
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from causalnet.hydra.cleanruns import GROUP, GROUP_TOKENS, KEEP, CleanGroups, groups
+from causalnet.hydra.cleanruns import (
+    GROUP,
+    GROUP_TOKENS,
+    KEEP,
+    CleanGroups,
+    groups,
+    next_for,
+)
 
 
 class Counting:
@@ -94,3 +102,19 @@ def test_pickling_drops_what_is_kept():
     assert shipped._kept == {} and shipped._adapter is None
     shipped.take(adapter, tokens, "layer", 1)
     assert len(adapter.batches) == 2
+
+
+def test_ray_dispatch_sends_a_groups_prompts_to_the_worker_that_took_its_first():
+    of = [0] * 8 + [1] * 8
+    queue, owners, alive = deque(range(16)), {}, [True, True]
+    took = [next_for(queue, w, owners, of, alive) for w in (0, 1, 0, 1, 0, 1)]
+    assert took == [0, 8, 1, 9, 2, 10]  # worker 1 skips group 0, owned by worker 0
+    alive[0] = False  # worker 0 died: its group goes to the next live worker that asks
+    assert next_for(queue, 1, owners, of, alive) == 3 and owners[0] == 1
+
+
+def test_ray_dispatch_lets_an_idle_worker_take_another_workers_group_at_the_end():
+    of = [0] * 4
+    queue, owners = deque([2, 3]), {0: 0}
+    assert next_for(queue, 1, owners, of, [True, True]) == 2  # computed again there
+    assert list(queue) == [3]
