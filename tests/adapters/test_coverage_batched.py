@@ -10,27 +10,19 @@ slow tier.
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from coverage_record import RECORD, working
 
 from causalnet.adapters import adapt
 from causalnet.adapters.generic import GenericAdapter
 from causalnet.adapters.tiny_configs import probe_tokens, tiny_model
 from causalnet.adapters.trace import reforward_patch
 
-ROOT = Path(__file__).resolve().parents[2]
-RECORD = json.loads((ROOT / "docs" / "coverage.json").read_text(encoding="utf-8"))
-DISCOVERED = [
-    r["model_type"]
-    for r in RECORD["rows"]
-    if r["status"] in ("works (heads)", "layer granularity only")
-    and r["adapter"] == "GenericAdapter"
-]
+DISCOVERED = working("GenericAdapter")
 
 
 @pytest.mark.slow

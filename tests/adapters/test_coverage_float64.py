@@ -11,26 +11,19 @@ The walk of every type takes about a minute on 2 cores: slow tier.
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from coverage_record import RECORD, working
 
 from causalnet.adapters import adapt
 from causalnet.adapters.coverage import patch_error
 from causalnet.adapters.tiny_configs import probe_tokens, tiny_model
 from causalnet.errors import UnsupportedModelError
 
-ROOT = Path(__file__).resolve().parents[2]
-RECORD = json.loads((ROOT / "docs" / "coverage.json").read_text(encoding="utf-8"))
-WORKING = [
-    r["model_type"]
-    for r in RECORD["rows"]
-    if r["status"] in ("works (heads)", "layer granularity only")
-]
+WORKING = working()
 HEADS = {r["model_type"] for r in RECORD["rows"] if r["status"] == "works (heads)"}
 
 #: types whose own Hugging Face forward fails in float64 (not the adapters')
