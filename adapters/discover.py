@@ -295,19 +295,19 @@ def discover(model: nn.Module, declare: Declaration | None = None) -> Decomposit
             _module(model, norm_name, "final_norm")
     else:
         inside = tuple(b + "." for b in blocks)
-        cands = [
-            n
+        # c with (the unembedding's input) = c (the module's output), None where there is none
+        scales = {
+            n: input_scale(rec.out[n], rec.inp[u_name], tol)
             for n in rec.calls
             if n not in blocks
             and not n.startswith(inside)
             and (rec.once(n, shape) or rec.last_call(n, shape))
-            and rec.out[n].shape == rec.inp[u_name].shape
             and rel_err(rec.inp[n], z_last) <= tol
-            and input_scale(rec.out[n], rec.inp[u_name], tol) is not None
-        ]
-        # the unembedding reading the norm's output itself first, then a constant times it
-        # (MiniCPM3 divides by logits_scaling in between)
-        exact = [n for n in cands if rel_err(rec.out[n], rec.inp[u_name]) <= tol]
+        }
+        cands = [n for n, c in scales.items() if c is not None]
+        # the unembedding reading the norm's output itself (c = 1) first, then a constant times
+        # it (MiniCPM3 divides by logits_scaling in between)
+        exact = [n for n in cands if scales[n] == 1.0]
         norm_name = min(exact or cands, key=lambda n: n.count(".")) if cands else ""
     if norm_name and rel_err(rec.inp.get(norm_name, z_last.new_empty(0)), z_last) > tol:
         raise UnsupportedModelError(f"the final norm {norm_name} does not read the last block")

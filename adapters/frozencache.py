@@ -1,9 +1,9 @@
 """The clean run's cache as the final-position replay uses it: frozen, and kept per clean run.
 
 :class:`FrozenCache` hands each replayed block the clean keys and values of the positions
-before t (:mod:`causalnet.adapters.replay`); :func:`prefix_cache` cuts the cache of a clean
-forward over 0..t back to 0..t-1, and :func:`remember_prefix` keeps it with its clean run, so
-the replay needs no forward of the prefix of its own.
+before t (:mod:`causalnet.adapters.replay`); :func:`prefix_caches` cuts each prompt's cache of
+positions 0..t-1 from the cache of a clean forward, and :func:`remember_prefix` keeps it with
+its clean run, so the replay needs no forward of the prefix of its own.
 
 A hybrid's linear-attention / convolution / state-space layers (transformers'
 ``LinearAttentionCacheLayerMixin``: a Qwen3-Next gated delta net, an LFM short convolution, a
@@ -185,25 +185,15 @@ def _within_windows(layers: list[Any], t: int) -> bool:
     return all(w is None or t + 1 < w for w in windows)
 
 
-def prefix_cache(cache: Any, t: int) -> Any:
-    """The model's cache of a clean forward over positions 0..t cut back to 0..t-1 (in place),
-    or None where it cannot be cut exactly: no cache, t = 0, or a layer that is not a plain
-    key/value layer holding all t + 1 positions (a sliding-window layer past its window, a
-    convolution or recurrent state). :func:`capture` then runs the model on the prefix itself."""
-    layers = _plain_layers(cache, t + 1)
-    if t == 0 or layers is None or not _within_windows(layers, t):
-        return None
-    cache.crop(-1)
-    return cache
-
-
 def prefix_caches(cache: Any, ts: list[int]) -> list[Any]:
-    """Each prompt's :func:`prefix_cache` from the cache of one right-padded forward of several
-    prompts (prompt b read at its position ``ts[b]``, the batch padded to max(ts) + 1): row b
-    of every layer cut to positions 0..ts[b] - 1, copied; None for a prompt where that is not
-    exact (as :func:`prefix_cache`). Under causal attention a prompt's positions before its
-    own t never read the padding after them, so each cut equals that prompt's own forward's
-    up to the rounding of batched products."""
+    """Each prompt's cache of its earlier positions from the model's cache of one right-padded
+    clean forward of one or more prompts (prompt b read at its position ``ts[b]``, the batch
+    padded to max(ts) + 1): row b of every layer cut to positions 0..ts[b] - 1, copied; None for
+    a prompt where that is not exact: no cache, t = 0, or a layer that is not a plain key/value
+    layer holding every position (a sliding-window layer past its window, a convolution or
+    recurrent state); :func:`capture` then runs the model on the prefix itself. Under causal
+    attention a prompt's positions before its own t never read the padding after them, so each
+    cut equals that prompt's own forward's up to the rounding of batched products."""
     layers = _plain_layers(cache, max(ts) + 1) if ts else None
     out: list[Any] = []
     for b, t in enumerate(ts):
@@ -228,7 +218,7 @@ _PREFIXES: dict[int, Any] = {}
 
 
 def remember_prefix(clean: Any, cache: Any) -> None:
-    """Keep ``cache`` (:func:`prefix_cache`, or None) as ``clean``'s earlier keys and values for
+    """Keep ``cache`` (:func:`prefix_caches`, or None) as ``clean``'s earlier keys and values for
     as long as the clean run object lives: :func:`block_calls` then skips the prefix forward."""
     if cache is None:
         return

@@ -46,7 +46,7 @@ from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
 from .finalrows import low_precision_ops
-from .frozencache import prefix_cache, prefix_caches, remember_prefix
+from .frozencache import prefix_caches, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
 from .readout import accumulation_dtype
@@ -240,11 +240,8 @@ class GenericAdapter(ResidualAdapter):
                     _mixer=mixer,
                 )
             )
-        if single:
-            remember_prefix(out[0], prefix_cache(tr.cache, ts[0]))
-        else:
-            for run, kept in zip(out, prefix_caches(tr.cache, ts), strict=True):
-                remember_prefix(run, kept)
+        for run, kept in zip(out, prefix_caches(tr.cache, ts), strict=True):
+            remember_prefix(run, kept)
         return out
 
     def final_values(

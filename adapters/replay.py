@@ -33,7 +33,7 @@ transformers Cache) is refused with the reason, and the adapter falls back to
 check_fast` decides, on a probe, before use).
 
 Two forwards per prompt are saved where they can be: the one-prompt clean run keeps the model's
-cache of the earlier positions (:func:`causalnet.adapters.frozencache.prefix_cache`), so the
+cache of the earlier positions (:func:`causalnet.adapters.frozencache.prefix_caches`), so the
 capture runs the token at t only; and once two different prompts of one length were seen to
 give the blocks bit-identical arguments at t (:func:`arguments_by_length`), a later prompt of
 that length takes them from the first, with its own cache and clean values, and runs no forward.
@@ -83,7 +83,7 @@ class Capture:
 def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) -> Capture:
     """The model's forward on ``prompt[:-1]`` (its cache) then ``prompt[-1]`` with every block's
     arguments recorded, ``batch`` identical rows (module docstring). ``prefix``: the model's
-    cache of ``prompt[:-1]`` from the clean run (:func:`prefix_cache`; batch 1 only), copied and
+    cache of ``prompt[:-1]`` from the clean run (:func:`prefix_caches`; batch 1 only), copied and
     used instead of the prefix forward."""
     p = adapter.parts
     model = adapter.model

@@ -207,7 +207,9 @@ def breakdown(
     }
 
 
-def way_sweep(adapter: Any, groups: CleanGroups, prompts: list, i: int, sites: list, values):
+def way_sweep(
+    adapter: Any, groups: CleanGroups, prompts: list, i: int, sites: list, values: torch.Tensor
+) -> Readouts:
     """Prompt ``i`` of ``prompts`` as a sweep computes it: its clean run from its group's forward
     (computed at the group's first request), then every site's patches."""
     clean = groups.take(adapter, prompts, "layer", i)

@@ -62,7 +62,11 @@ def groups(lengths: list[int]) -> list[range]:
 
 def group_numbers(lengths: list[int]) -> list[int]:
     """Each prompt's group number under :func:`groups`."""
-    return [g for g, members in enumerate(groups(lengths)) for _ in members]
+    return _numbers(groups(lengths))
+
+
+def _numbers(cut: list[range]) -> list[int]:
+    return [g for g, members in enumerate(cut) for _ in members]
 
 
 def next_for(
@@ -111,7 +115,7 @@ class CleanGroups:
                 self._adapter = weakref.ref(adapter)
             if len(self._of) != len(tokens):
                 self._groups = groups([len(t) for t in tokens])
-                self._of = [g for g, members in enumerate(self._groups) for _ in members]
+                self._of = _numbers(self._groups)
             g = self._of[index]
             runs = self._kept.get(g)
             if runs is None or index not in runs:

@@ -1,7 +1,7 @@
 """Speed-ups of the discovered models' fast patching that must not change a value (issue 11):
 sibling linears in one stacked product (:mod:`causalnet.adapters.linears`), the clean run's
 own cache reused as the replay's earlier keys and values (:func:`causalnet.adapters.frozencache.
-prefix_cache`), and the blocks' arguments at t shared by prompts of one length
+prefix_caches`), and the blocks' arguments at t shared by prompts of one length
 (:func:`causalnet.adapters.replay.arguments_by_length`).
 
 Oracles: each linear layer's own ``F.linear`` on the same input, the block's plain forward, and
