@@ -57,6 +57,17 @@ def forward_last(model: nn.Module, **kwargs: Any) -> Any:
     return model(**kwargs)
 
 
+def forward_step(model: nn.Module, toks: Tensor, **kwargs: Any) -> Any:
+    """The model's own cached step on the last of ``toks`` [B, T] (``kwargs`` hold the cache of
+    the first T - 1), through :func:`forward_last`, with its position, T - 1, given explicitly
+    where the model's forward takes ``position_ids``: some hybrids (Bamba) count the cache's
+    length on their first layer, a state-space layer that holds no positions, and would put the
+    token at position 0."""
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = torch.full_like(toks[:, -1:], toks.shape[1] - 1)
+    return forward_last(model, input_ids=toks[:, -1:], **kwargs)
+
+
 def centred_from_final(adapter: Any, z: Tensor, token: int) -> Tensor:
     """The centred logit of ``token`` (before any cap) from final residuals z [N, d]: the model's
     final norm module, times the readout's input scale c, then s * (the unembedding row of
@@ -142,8 +153,9 @@ def relative_difference(got: PatchedRun, want: PatchedRun, clean: CleanRun) -> f
 def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
     """How far the model's own cached decoding is from its full forward on ``tokens`` [T]
     (T >= 2): the largest difference of the last position's logits between ``model(tokens)``
-    and ``model(tokens[:-1])`` followed by ``model(tokens[-1:])`` from the cache it returned,
-    relative to max(1, their largest magnitude). None where the model returns no cache."""
+    and ``model(tokens[:-1])`` followed by the step on ``tokens[-1:]`` from the cache it
+    returned (:func:`forward_step`), relative to max(1, their largest magnitude). None where the
+    model returns no cache."""
     ids = tokens[None]
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
@@ -152,7 +164,7 @@ def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
             cache, keyword = find_cache(out), cache_keyword(model)
         except UnsupportedModelError:
             return None
-        step = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: cache}).logits[0, -1]
+        step = forward_step(model, ids, use_cache=True, **{keyword: cache}).logits[0, -1]
     scale = max(1.0, float(full.abs().max()))
     return float((full.double() - step.double()).abs().max()) / scale
 

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from causalnet.errors import UnsupportedModelError
 
-from .finalrows import forward_last
+from .finalrows import forward_last, forward_step
 from .frozencache import FrozenCache, check_kv_only, is_cache
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .linears import fast_linears
@@ -176,7 +176,7 @@ def capture(adapter: Any, prompt: Tensor, batch: int = 1, prefix: Any = None) ->
                 hooks.part(
                     p.blocks[layer], p.mlp[layer], f"mlp.{layer}", part("mlp", layer, p.beta[layer])
                 )
-            forward_last(model, input_ids=toks[:, -1:], **kwargs)
+            forward_step(model, toks, **kwargs)
             hooks.check()
     if "cache" in live:
         del live["cache"].update  # the instance attribute; the class's method is back

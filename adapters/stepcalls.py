@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicLayer
 
 from causalnet.errors import UnsupportedModelError
 
-from .finalrows import forward_last
+from .finalrows import forward_last, forward_step
 from .frozencache import rows_copy
 from .hooks import HookSet, first, hidden_in, with_hidden_in
 from .recorders import find_cache
@@ -170,7 +170,7 @@ class Prefix:
                 for layer in range(p.n_layers):
                     hooks.pre(p.blocks[layer], f"block.{layer}", block_pre(layer))
                     hooks.post(p.blocks[layer], f"block.{layer}.out", block_post(layer))
-                forward_last(model, input_ids=toks[:, -1:], **step)
+                forward_step(model, toks, **step)
                 hooks.check()
         self._refuse_flows(outs)
 

@@ -26,6 +26,7 @@ import weakref
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -92,11 +93,17 @@ def next_for(
 
 
 class CleanGroups:
-    """The clean runs of a plan's prompts, computed a group at a time (module docstring)."""
+    """The clean runs of a plan's prompts, computed a group at a time (module docstring).
+
+    A kept run is handed out only for the adapter, granularity and tokens it was computed from:
+    asked with another list of prompts (even of the same lengths), another granularity or
+    another model, the group is computed again."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._kept: OrderedDict[int, dict[int, CleanRun]] = OrderedDict()
+        # group number -> prompt index -> (its tokens, granularity, clean run)
+        self._kept: OrderedDict[int, dict[int, tuple[Tensor, str, CleanRun]]] = OrderedDict()
+        self._lengths: list[int] = []
         self._of: list[int] = []  # prompt index -> its group's number
         self._groups: list[range] = []
         self._adapter: weakref.ref | None = None
@@ -113,17 +120,24 @@ class CleanGroups:
             if self._adapter is None or self._adapter() is not adapter:
                 self._kept.clear()  # runs of another model
                 self._adapter = weakref.ref(adapter)
-            if len(self._of) != len(tokens):
-                self._groups = groups([len(t) for t in tokens])
+            lengths = [len(t) for t in tokens]
+            if lengths != self._lengths:
+                self._kept.clear()  # another list of prompts
+                self._lengths = lengths
+                self._groups = groups(lengths)
                 self._of = _numbers(self._groups)
             g = self._of[index]
             runs = self._kept.get(g)
-            if runs is None or index not in runs:
+            hit = None if runs is None else runs.get(index)
+            if hit is None or hit[1] != granularity or not torch.equal(hit[0], tokens[index]):
                 members = self._groups[g]
                 batch = [tokens[j] for j in members]
-                runs = dict(zip(members, adapter.clean_runs(batch, granularity), strict=True))
+                computed = adapter.clean_runs(batch, granularity)
+                runs = {
+                    j: (tokens[j], granularity, c) for j, c in zip(members, computed, strict=True)
+                }
                 self._kept[g] = runs
             self._kept.move_to_end(g)
             while len(self._kept) > KEEP:
                 self._kept.popitem(last=False)
-            return runs.pop(index)
+            return runs.pop(index)[2]

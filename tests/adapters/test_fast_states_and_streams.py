@@ -230,12 +230,35 @@ def test_rows_that_ran_the_handing_block_carry_their_own_stream_the_others_the_c
 
 
 def test_a_model_whose_own_cached_decoding_is_off_its_forward_falls_back_saying_so():
-    """Bamba's cached decoding step is not its full forward (in transformers 5.x, on this tiny
-    config): no replay from the cache can be exact, so patching is by re-forwards, equal to the
-    oracle, and the refusal names the model's own discrepancy."""
+    """Moshi's cached decoding step is not its full forward (in transformers 5.x, on this tiny
+    config with a window of 4): no replay from the cache can be exact, so patching is by
+    re-forwards, equal to the oracle, and the refusal names the model's own discrepancy."""
     from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
 
-    adapter = adapt(tiny_model("bamba"), generic=True)
+    adapter = adapt(tiny_model("moshi"), generic=True)
     assert adapter.fast_refusal is not None
     assert "own cached decoding is off its full forward" in adapter.fast_refusal
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
+
+
+def test_the_cached_step_is_given_its_position_so_bamba_replays_exactly():
+    """Bamba (a Mamba2 layer first, then attention) counts its cache's length on layer 0, which
+    holds no positions: its own step without ``position_ids`` puts the last token at position 0
+    (logits off by ~1). ``forward_step`` passes t - 1, which makes the step the full forward's
+    function (float64: within 1e-6, the mixer computes in float32), so Bamba patches fast and
+    equal to the hooked re-forward."""
+    from causalnet.adapters.finalrows import cached_step_error  # noqa: PLC0415
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    model = tiny_model("bamba").double()
+    ids = _tokens()[None]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        unplaced = model(input_ids=ids[:, -1:], use_cache=True, past_key_values=cache)
+    assert float((unplaced.logits[0, -1] - full).abs().max()) > 1e-2  # the model's own slip
+    assert cached_step_error(model, _tokens()) < 1e-6
+    adapter = adapt(tiny_model("bamba"), generic=True)
+    assert adapter.fast_refusal is None
+    assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
+    assert check_patching(adapter, _tokens(), "head", n_patches=2) <= 1e-4

@@ -81,6 +81,21 @@ def test_runs_of_another_adapter_are_not_handed_out():
     assert len(first.batches) == 1 and len(second.batches) == 1
 
 
+def test_runs_of_other_prompts_or_another_granularity_are_not_handed_out():
+    """A kept run is handed out only for the tokens and granularity it was computed from: the
+    same object asked with another prompt list of the same lengths, or at another granularity,
+    computes the group again (and hands out that list's runs)."""
+    adapter, kept = Counting(), CleanGroups()
+    tokens = _tokens([3] * 4)
+    others = [t + 100 for t in tokens]  # the same lengths, other tokens
+    kept.take(adapter, tokens, "layer", 0)
+    assert kept.take(adapter, others, "layer", 1) == (tuple(others[1].tolist()), "layer")
+    assert kept.take(adapter, others, "head", 2) == (tuple(others[2].tolist()), "head")
+    assert len(adapter.batches) == 3
+    assert kept.take(adapter, others, "head", 3) == (tuple(others[3].tolist()), "head")
+    assert len(adapter.batches) == 3  # kept from the last computation
+
+
 def test_threads_asking_for_one_group_wait_for_one_computation():
     adapter, kept = Counting(), CleanGroups()
     tokens = _tokens([3] * GROUP)
