@@ -52,6 +52,7 @@ from .measure import probe_tokens
 from .readout import accumulation_dtype
 from .records import CleanRun, Granularity, PatchedRun, check_granularity
 from .recurrent import check_recurrent, recurrent_patch
+from .timestep import ClampBinds
 from .trace import Trace, centred_logit, record, reforward_patch, site_values
 
 
@@ -89,6 +90,9 @@ class GenericAdapter(ResidualAdapter):
         self.verification = verify(self)
         self._fast: tuple[str | None, float | None] | None = None
         self._rows_per_forward: int | None = None  # 1 where the numbers depend on the batch
+        #: patch calls that fell back to the re-forward because a row's time step fell where
+        #: the scan clamps it and the replayed step would not (:mod:`causalnet.adapters.timestep`)
+        self.clamp_fallbacks = 0
 
     # ---- fast patching, checked before its first use -------------------------------------
     @property
@@ -298,5 +302,8 @@ class GenericAdapter(ResidualAdapter):
             # path takes single sites only)
             if self.fast_refusal is None and not has_sets:
                 fast = recurrent_patch if self.parts.one_part else fast_patch
-                return fast(self, clean, [g[0] for g in groups], values)
+                try:
+                    return fast(self, clean, [g[0] for g in groups], values)
+                except ClampBinds:  # a row the scan would clamp and the step would not
+                    self.clamp_fallbacks += 1
             return reforward_patch(self, clean, groups, values, self._rows_per_forward)

@@ -33,9 +33,10 @@ compares the two on a probe, every site patched, before the adapter uses this pa
 margin of 10 below the tolerance (one probe prompt stands for every prompt): beyond 1e-5
 (float32) / 1e-10 (float64) of max(1, |centred logit|) on the probe the adapter patches by the
 hooked re-forward of the whole prompt (:func:`causalnet.adapters.trace.reforward_patch`,
-exact to 1e-4 / 1e-9) and says why (``fast_refusal``). A step known to compute another
-function than the scan (a time-step clamp in the scan only:
-:func:`causalnet.adapters.stepcalls.step_mismatch`) is refused before the probe.
+exact to 1e-4 / 1e-9) and says why (``fast_refusal``). A time-step clamp in the scan only
+(Zamba2, Nemotron-H) is guarded: a replayed row whose time step the scan would clamp raises
+:class:`causalnet.adapters.timestep.ClampBinds` and that call is patched by the re-forward
+(:mod:`causalnet.adapters.timestep`); one that cannot be guarded is refused before the probe.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ from .finalrows import (
 from .hooks import HookSet, first
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
-from .stepcalls import Prefix, step_calls, step_mismatch
+from .stepcalls import Prefix, step_calls
+from .timestep import clamps, guard, step_mismatch
 
 __all__ = ["MARGIN", "Prefix", "check_recurrent", "recurrent_patch"]
 
@@ -106,6 +108,7 @@ def recurrent_patch(
     with HookSet() as hooks, torch.no_grad():
         for layer in range(p.n_layers):
             hooks.part(p.blocks[layer], p.mixer[layer], f"mixer.{layer}", mixer_post)
+        guarded = guard(hooks, clamps(adapter.model)[0])
         ran = []
         for layer in range(p.n_layers):
             run, enter = bound(layer), bound(layer + 1)  # rows running block l; entering at it
@@ -119,6 +122,13 @@ def recurrent_patch(
                 z[run:enter] = clean._resid_pre[layer] + vals[run:enter]
                 num[run:enter, col[f"mixer.{layer}"]] = vals_w[run:enter]
         hooks.check(ran)
+        stepped = {
+            id(m)
+            for layer in range(p.n_layers)
+            if f"mixer.{layer}" in ran
+            for m in p.blocks[layer].modules()
+        }
+        hooks.check([k for k, mixer in guarded.items() if id(mixer) in stepped])
     return unsorted_run(adapter, parsed, clean, order_t, z, num)
 
 
@@ -128,7 +138,7 @@ def check_recurrent(
     """(None, error) if :func:`recurrent_patch` agrees with the hooked re-forward on ``tokens``
     [T] within a tenth of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred logit|) for
     every site, else (why not, error or None); (why, None) without a probe where the step is
-    known to differ from the full forward (:func:`causalnet.adapters.stepcalls.step_mismatch`)."""
+    known to differ from the full forward (:func:`causalnet.adapters.timestep.step_mismatch`)."""
     atol = probe_tolerance(adapter.dtype)
     mismatch = step_mismatch(adapter.model)
     if mismatch is not None:

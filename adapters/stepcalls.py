@@ -28,13 +28,10 @@ residual stream, :mod:`causalnet.adapters.trace`), and the hooked re-forward and
 oracle leave every other copy of the embedding (Zamba's ``original_hidden_states``) clean, as
 the replay does.
 
-:func:`step_mismatch` refuses a model whose single step is known to compute another function
-than its full forward: transformers' Mamba2-style mixers with a ``time_step_limit`` other than
-(0, inf) (Zamba2's and Nemotron-H's default lower bound is ``time_step_min``) clamp the time
-step in the full-sequence scan but not in the cached step, so a row whose time step falls
-outside the limit would be replayed differently (on a tiny Zamba2, 3.7e-4 of the centred logit
-at position 5 of 9 with patches of the sites' own scale, while the probe at the last position
-happened to see 2e-7).
+A Mamba2-style mixer's single step skips the time-step clamp of its full-sequence scan
+(Zamba2, Nemotron-H: on a tiny Zamba2, 3.7e-4 of the centred logit at position 5 of 9 with
+patches of the sites' own scale, while the probe at the last position happened to see 2e-7):
+:mod:`causalnet.adapters.timestep` guards the replay against it.
 """
 
 from __future__ import annotations
@@ -91,23 +88,6 @@ def cache_kinds(cache: Cache, n_layers: int) -> list[str]:
             f"the cache has {len(layers)} layers for {n_layers} blocks: not one layer per block"
         )
     return [layer_kind(layer, i) for i, layer in enumerate(layers)]
-
-
-def step_mismatch(model: nn.Module) -> str | None:
-    """Why the model's single cached step is not the function its full forward computes, where
-    known (module docstring); None otherwise."""
-    for name, module in model.named_modules():
-        limit = getattr(module, "time_step_limit", None)
-        if isinstance(limit, (tuple, list)) and len(limit) == 2:
-            low, high = float(limit[0]), float(limit[1])
-            if low > 0.0 or high < float("inf"):
-                return (
-                    f"the mixer {name} clamps its time step to time_step_limit={tuple(limit)} in "
-                    "its full-sequence scan but not in its single cached step (transformers' "
-                    "Mamba2-style step takes no dt_limit): the step is not the full forward's "
-                    "function"
-                )
-    return None
 
 
 def tensors(x: Any) -> Iterator[Tensor]:

@@ -475,6 +475,8 @@ def test_a_builtin_of_the_wrong_arity_is_a_mechanism_error_when_run() -> None:
         "causalnet.ablations",
         "causalnet.graph",
         "causalnet.toys",
+        "causalnet.hydra.cleanruns",
+        "causalnet.adapters.timestep",
     ],
 )
 def test_docstring_examples_run(module: str) -> None:

@@ -33,9 +33,13 @@ MODEL_FAILS_IN_FLOAT64 = {
 }
 #: known gaps of the adapters in float64 (xfail, strict: fixing one makes the test say so)
 FLOAT64_GAPS: dict[str, str] = {}
-# (gemma3_text's heads were 1.0e-7 off here until head-granularity patches put the model's own
-# attention output in the stream, 2026-12-02; on other values its head patches still move o'
-# by an ulp through Gemma's float32 norm: tests/adapters/test_gemma.py allows 1e-5 there)
+#: types whose norm after the attention computes in float32 inside a float64 model, so a head's
+#: patch (o' formed from the clean o plus the head's change, the oracle's o' from the patched
+#: heads through o_proj: another summation order) can land one float32 ulp apart after it,
+#: ~6e-8 relative. Their head granularity is held to 1e-6 (layer granularity to 1e-9): gemma3_text
+#: measured 4.4e-16 on a 2-core Xeon and 7.9e-8 on a 2-core AMD EPYC (2026-12-02), the same
+#: code. tests/adapters/test_gemma.py allows 1e-5 on other values.
+FLOAT32_NORM_HEADS = {"gemma3_text": 1e-6}
 
 
 def _case(model_type: str) -> object:
@@ -74,6 +78,9 @@ def test_every_working_type_patches_exactly_in_float64_or_refuses_naming_why(mod
         assert model_type in str(err) and len(str(err)) > 80, str(err)
         return
     worst = patch_error(adapter, tokens, "layer")
+    why = getattr(adapter, "fast_refusal", None)  # a hand-written family has no fast check
+    assert worst <= 1e-9, f"{model_type}: {worst:.2e} (fast_refusal: {why})"
     if model_type in HEADS:
-        worst = max(worst, patch_error(adapter, tokens, "head"))
-    assert worst <= 1e-9, f"{model_type}: {worst:.2e} (fast_refusal: {adapter.fast_refusal})"
+        worst = patch_error(adapter, tokens, "head")
+        atol = FLOAT32_NORM_HEADS.get(model_type, 1e-9)
+        assert worst <= atol, f"{model_type} heads: {worst:.2e} (fast_refusal: {why})"

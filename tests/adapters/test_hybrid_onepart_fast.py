@@ -11,9 +11,10 @@ models of :func:`causalnet.adapters.tiny_configs.tiny_model`: Zamba (Mamba, hybr
 Zamba2 (Mamba2, hybrid), Nemotron-H (Mamba2, MoE, attention, MoE).
 
 Zamba2's and Nemotron-H's Mamba2 mixers clamp the time step in their scan but not in their
-step, so they are refused (:func:`causalnet.adapters.stepcalls.step_mismatch`); the same models
-with the clamp lifted (``time_step_limit = (0, inf)`` on every mixer, the default of Mamba2)
-compute one function in both and are replayed fast: ``"zamba2-lifted"``, ``"nemotron_h-lifted"``.
+step: they are replayed under a guard that sends a call with a row the scan would clamp to the
+re-forward (:mod:`causalnet.adapters.timestep`); the same models with the clamp lifted
+(``time_step_limit = (0, inf)`` on every mixer, the default of Mamba2) compute one function in
+both and are replayed with no guard: ``"zamba2-lifted"``, ``"nemotron_h-lifted"``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from causalnet.adapters.generic import GenericAdapter
 from causalnet.adapters.naive import naive_patch, naive_readout
 from causalnet.adapters.recurrent import Prefix, check_recurrent, recurrent_patch
 from causalnet.adapters.stepcalls import layer_kind
+from causalnet.adapters.timestep import ClampBinds, clamps, step_mismatch
 from causalnet.adapters.tiny_configs import tiny_model
 from causalnet.adapters.trace import reforward_patch
 from causalnet.adapters.verify import check_patching
@@ -122,30 +124,92 @@ def test_an_earlier_position_with_embed_and_mixers_mixed_equals_the_reforward(na
 
 
 @pytest.mark.parametrize("name", CLAMPED)
-def test_a_step_that_skips_the_scans_time_step_clamp_is_refused(name):
-    """The refusal names the mixer and its limit; patching is the re-forward, exact to 1e-4."""
+def test_a_step_that_skips_the_scans_time_step_clamp_is_replayed_under_a_guard(name):
+    """Zamba2's and Nemotron-H's mixers clamp the time step in the scan only: the fast path is
+    used (the guard names no unreadable mixer) and patches equal one forward per patch."""
     adapter = hybrid(name)
-    assert "time_step_limit=(0.001, inf)" in adapter.fast_refusal
-    assert "but not in its single cached step" in adapter.fast_refusal
+    found, why = clamps(adapter.model)
+    assert why is None and found and all(c.low == 0.001 for c in found)
+    assert adapter.fast_refusal is None, adapter.fast_refusal
     assert check_patching(adapter, prompt(), "layer", n_patches=2) <= 1e-4
 
 
-def test_the_time_step_clamp_mismatch_is_real(monkeypatch):
-    """Why the refusal: replayed anyway, Zamba2's step is off the re-forward by more than the
-    float32 tolerance at position 5 with patches of the sites' own scale (the probe at the
-    last position alone would have let it through)."""
+def _clamp_case():
+    """Zamba2 at position 5 of 9 with patches of the sites' own scale: a row's time step falls
+    below time_step_limit (0.001) there, so the scan clamps it and the step would not."""
     adapter = hybrid("zamba2")
-    monkeypatch.setattr(recurrent, "step_mismatch", lambda model: None)
-    why, err = check_recurrent(adapter, prompt())
-    assert why is None and err <= 1e-5  # the probe alone does not see it
     clean = adapter.clean_run(prompt(), "layer", position=5)
     sites = ["mixer.1", "embed", "mixer.0"]
     values = site_scale_values(adapter, clean, sites)
     parsed = [adapter.site(s) for s in sites]
+    return adapter, clean, sites, parsed, values
+
+
+def test_the_time_step_clamp_mismatch_is_real(monkeypatch):
+    """Why the guard: replayed without it, Zamba2's step is off the re-forward by more than the
+    float32 tolerance in :func:`_clamp_case` (the probe at the last position alone would have let
+    it through)."""
+    adapter, clean, sites, parsed, values = _clamp_case()
+    monkeypatch.setattr(recurrent, "clamps", lambda model: ([], None))
+    why, err = check_recurrent(adapter, prompt())
+    assert why is None and err <= 1e-5  # the probe alone does not see it
     got = recurrent_patch(adapter, clean, parsed, values)
     want = reforward_patch(adapter, clean, parsed, values)
     diff = float((got.centred_logit - want.centred_logit).abs().max())
     assert diff > 1e-4 * max(1.0, abs(clean.centred_logit))
+
+
+def test_a_row_whose_time_step_the_scan_clamps_is_patched_by_the_reforward():
+    """With the guard the replay raises ClampBinds naming the mixer, and ``adapter.patch`` gives
+    the re-forward's numbers (1e-4 of max(1, |centred logit|), float32), counting the fallback.
+    (On this tiny random Zamba2 the clamp binds for 7-12% of the clean run's time steps: most of
+    its patch calls fall back.)"""
+    adapter, clean, sites, parsed, values = _clamp_case()
+    with pytest.raises(ClampBinds, match=r"model\.layers\.\d\.mamba is outside"):
+        recurrent_patch(adapter, clean, parsed, values)
+    before = adapter.clamp_fallbacks
+    got = adapter.patch(clean, sites, values)
+    assert adapter.clamp_fallbacks == before + 1
+    want = reforward_patch(adapter, clean, parsed, values)
+    scale = max(1.0, abs(clean.centred_logit))
+    for field in ("centred_logit", "sigma", "direct_effects", "total_effect"):
+        assert float((getattr(got, field) - getattr(want, field)).abs().max()) <= 1e-4 * scale
+
+
+def test_where_no_time_step_is_clamped_the_guarded_replay_stays_fast_and_exact():
+    """Zamba2 with every dt_bias raised by 8 (each time step far above 0.001, the clamp still in
+    place): the guarded replay never falls back, and equals the re-forward at position 5 with
+    patches of the sites' own scale (1e-4, float32)."""
+    model = tiny_model("zamba2")
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "time_step_limit"):
+                m.dt_bias += 8.0
+    adapter = adapt(model, generic=True)
+    assert adapter.fast_refusal is None
+    clean = adapter.clean_run(prompt(), "layer", position=5)
+    sites = ["mixer.1", "embed", "mixer.0"]
+    values = site_scale_values(adapter, clean, sites)
+    parsed = [adapter.site(s) for s in sites]
+    got = recurrent_patch(adapter, clean, parsed, values)  # raises ClampBinds if it binds
+    want = reforward_patch(adapter, clean, parsed, values)
+    scale = max(1.0, abs(clean.centred_logit))
+    for field in ("centred_logit", "sigma", "direct_effects", "total_effect"):
+        assert float((getattr(got, field) - getattr(want, field)).abs().max()) <= 1e-4 * scale
+    adapter.patch(clean, sites, values)
+    assert adapter.clamp_fallbacks == 0
+
+
+def test_a_clamped_mixer_whose_time_step_cannot_be_read_is_refused():
+    """A mixer that clamps but whose input projection is not [gate, x, B, C, dt] (here its
+    num_heads no longer matches) cannot be guarded: the fast path is refused naming it, and
+    patching is the exact re-forward."""
+    model = tiny_model("zamba2")
+    mixer = next(m for m in model.modules() if hasattr(m, "time_step_limit"))
+    mixer.num_heads += 1
+    found, why = clamps(model)
+    assert found == [] and "cannot be guarded" in why and "in_proj" in why
+    assert step_mismatch(model) == why
 
 
 @pytest.mark.parametrize("name", ["zamba", "zamba2-lifted"])
