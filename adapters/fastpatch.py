@@ -13,6 +13,10 @@ Under a norm after the attention (``parts.post_norms``) a head patch moves the h
 the projection output o by (v - c(o) o_H) / c(o), c(o) = alpha gamma / s(o), and the model's
 norm renormalises; the layer's heads are read out as shares c(o') o_H' at each row's own o'.
 
+A Mamba2 mixer whose scan clamps its time step and whose step does not (a hybrid's mixer
+block) is replayed under :mod:`causalnet.adapters.timestep`'s guard: a row the scan would clamp
+raises ``ClampBinds`` and the adapter patches that call by the re-forward.
+
 :func:`check_fast` compares the engine with the hooked re-forward
 (:func:`causalnet.adapters.trace.reforward_patch`) on a probe, every site patched, before the
 adapter uses it; a disagreement or an error is the recorded reason to fall back.
@@ -44,6 +48,7 @@ from .hooks import HookSet, first, with_first
 from .linears import fast_linears
 from .replay import block_calls
 from .rowattention import row_attention
+from .timestep import check_guards, clamps, guard, step_mismatch
 
 
 class _Layer:
@@ -153,6 +158,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     want_z = head_gran or any(s.kind == "head" for s in parsed)
     with HookSet() as hooks, torch.no_grad(), fast_linears(p.blocks), row_attention():
         _hooks(adapter, hooks, state, want_z)
+        guarded = guard(hooks, clamps(adapter.model)[0])  # a Mamba2 mixer's time-step clamp
         for layer in range(p.n_layers):
             run, a_end, m_end = bound(2 * layer), bound(2 * layer + 1), bound(2 * layer + 2)
             if m_end == 0:
@@ -201,6 +207,8 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
                 z[a_end:m_end] = cap.pre[layer] + cap.attn[layer] + vals[a_end:m_end]
                 num[a_end:m_end, col[f"mlp.{layer}"]] = vals_w[a_end:m_end]
         hooks.check(ran)
+        stepped = [p.blocks[layer] for layer in range(p.n_layers) if f"attn.{layer}" in ran]
+        check_guards(hooks, guarded, stepped)
     return unsorted_run(adapter, parsed, clean, order_t, z, num)
 
 
@@ -209,6 +217,9 @@ def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) 
     within a tenth (``MARGIN``) of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred
     logit|) for every site (layer granularity; heads of the first and last layer where there
     are heads), else (why not, error or None)."""
+    mismatch = step_mismatch(adapter.model)
+    if mismatch is not None:
+        return mismatch, None
     grans = ["layer"] + (["head"] if adapter.head_refusal is None else [])
     worst = 0.0
     atol = probe_tolerance(adapter.dtype)

@@ -63,7 +63,7 @@ from .hooks import HookSet, first
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
 from .stepcalls import Prefix, step_calls
-from .timestep import clamps, guard, step_mismatch
+from .timestep import check_guards, clamps, guard, step_mismatch
 
 __all__ = ["MARGIN", "Prefix", "check_recurrent", "recurrent_patch"]
 
@@ -122,13 +122,8 @@ def recurrent_patch(
                 z[run:enter] = clean._resid_pre[layer] + vals[run:enter]
                 num[run:enter, col[f"mixer.{layer}"]] = vals_w[run:enter]
         hooks.check(ran)
-        stepped = {
-            id(m)
-            for layer in range(p.n_layers)
-            if f"mixer.{layer}" in ran
-            for m in p.blocks[layer].modules()
-        }
-        hooks.check([k for k, mixer in guarded.items() if id(mixer) in stepped])
+        stepped = [p.blocks[layer] for layer in range(p.n_layers) if f"mixer.{layer}" in ran]
+        check_guards(hooks, guarded, stepped)
     return unsorted_run(adapter, parsed, clean, order_t, z, num)
 
 

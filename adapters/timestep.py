@@ -33,7 +33,7 @@ from causalnet.errors import UnsupportedModelError
 
 from .hooks import HookSet
 
-__all__ = ["Clamp", "ClampBinds", "clamps", "guard", "step_mismatch"]
+__all__ = ["Clamp", "ClampBinds", "check_guards", "clamps", "guard", "step_mismatch"]
 
 
 class ClampBinds(UnsupportedModelError):
@@ -118,3 +118,11 @@ def guard(hooks: HookSet, found: list[Clamp]) -> dict[str, nn.Module]:
         hooks.post(c.mixer.in_proj, key, check)
         keys[key] = c.mixer
     return keys
+
+
+def check_guards(hooks: HookSet, guarded: dict[str, nn.Module], blocks: list[nn.Module]) -> None:
+    """Raise (:meth:`HookSet.check`) naming a guard of :func:`guard` that did not fire on a
+    mixer inside one of ``blocks`` (the blocks the replay ran): a guard that never reads a time
+    step would let a clamped row through unseen."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    hooks.check([key for key, mixer in guarded.items() if id(mixer) in inside])

@@ -262,3 +262,37 @@ def test_the_cached_step_is_given_its_position_so_bamba_replays_exactly():
     assert adapter.fast_refusal is None
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
     assert check_patching(adapter, _tokens(), "head", n_patches=2) <= 1e-4
+
+
+def test_a_two_part_hybrid_with_a_time_step_clamp_is_replayed_under_the_guard():
+    """Bamba (Mamba2 or attention, then an MLP, per block) with its mixers' time step clamped to
+    (0.001, inf), as Zamba2's are: the fast path is used (no time step near the limit on the
+    probe); with the limit then lowered to (0.001, 0.1) (Bamba's time steps are ~1.3: the scan
+    clamps them all) the replay raises ClampBinds and a patch call falls back to the re-forward,
+    counted, with its numbers (1e-4, float32). (Here only the ``embed`` rows step through the
+    Mamba2 layer, and its output is small: the mismatch itself is shown on Zamba2 in
+    test_hybrid_onepart_fast.py.)"""
+    from causalnet.adapters.timestep import ClampBinds  # noqa: PLC0415
+    from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
+
+    model = tiny_model("bamba")
+    mixers = [m for m in model.modules() if hasattr(m, "time_step_limit")]
+    for m in mixers:
+        m.time_step_limit = (0.001, float("inf"))
+    adapter = adapt(model, generic=True)
+    assert adapter.fast_refusal is None, adapter.fast_refusal
+    for m in mixers:
+        m.time_step_limit = (0.001, 0.1)
+    clean = adapter.clean_run(_tokens(), "layer")
+    sites = adapter.sites("layer")
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randn(len(sites), 2, adapter.arch.d_model, generator=gen)
+    parsed = [adapter.site(s) for s in sites]
+    with pytest.raises(ClampBinds, match="time_step_limit=\\(0.001, 0.1\\)"):
+        fastpatch.fast_patch(adapter, clean, parsed, values)
+    got = adapter.patch(clean, sites, values)
+    assert adapter.clamp_fallbacks == 1
+    want = reforward_patch(adapter, clean, parsed, values)
+    scale = max(1.0, abs(clean.centred_logit))
+    for field in ("centred_logit", "sigma", "direct_effects"):
+        assert float((getattr(got, field) - getattr(want, field)).abs().max()) <= 1e-4 * scale
