@@ -48,7 +48,7 @@ from .hooks import HookSet, first, with_first
 from .linears import fast_linears
 from .replay import block_calls
 from .rowattention import row_attention
-from .timestep import check_guards, clamps, guard, step_mismatch
+from .timestep import check_guards, clamps, guard, lifted
 
 
 class _Layer:
@@ -216,10 +216,17 @@ def check_fast(adapter: Any, tokens: Tensor, n_patches: int = 1, seed: int = 0) 
     """(None, error) if :func:`fast_patch` agrees with the hooked re-forward on ``tokens`` [T]
     within a tenth (``MARGIN``) of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred
     logit|) for every site (layer granularity; heads of the first and last layer where there
-    are heads), else (why not, error or None)."""
-    mismatch = step_mismatch(adapter.model)
+    are heads), else (why not, error or None). Mamba2 time-step clamps are lifted for the probe
+    (:func:`causalnet.adapters.timestep.lifted`): the guard covers them at every patch."""
+    found, mismatch = clamps(adapter.model)
     if mismatch is not None:
         return mismatch, None
+    with lifted(found):
+        return _probe(adapter, tokens, n_patches, seed)
+
+
+def _probe(adapter: Any, tokens: Tensor, n_patches: int, seed: int) -> tuple:
+    """:func:`check_fast`'s comparison on the probe."""
     grans = ["layer"] + (["head"] if adapter.head_refusal is None else [])
     worst = 0.0
     atol = probe_tolerance(adapter.dtype)

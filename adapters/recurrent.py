@@ -63,7 +63,7 @@ from .hooks import HookSet, first
 from .readout import accumulation_dtype
 from .records import CleanRun, PatchedRun
 from .stepcalls import Prefix, step_calls
-from .timestep import check_guards, clamps, guard, step_mismatch
+from .timestep import check_guards, clamps, guard, lifted
 
 __all__ = ["MARGIN", "Prefix", "check_recurrent", "recurrent_patch"]
 
@@ -133,18 +133,22 @@ def check_recurrent(
     """(None, error) if :func:`recurrent_patch` agrees with the hooked re-forward on ``tokens``
     [T] within a tenth of 1e-4 (float32) / 1e-9 (float64) of max(1, |clean centred logit|) for
     every site, else (why not, error or None); (why, None) without a probe where the step is
-    known to differ from the full forward (:func:`causalnet.adapters.timestep.step_mismatch`)."""
+    known to differ from the full forward (:func:`causalnet.adapters.timestep.step_mismatch`).
+    Mamba2 time-step clamps are lifted for the probe (:func:`causalnet.adapters.timestep.lifted`):
+    the guard covers them at every patch."""
     atol = probe_tolerance(adapter.dtype)
-    mismatch = step_mismatch(adapter.model)
+    found, mismatch = clamps(adapter.model)
     if mismatch is not None:
         return mismatch, None
-    clean = adapter.clean_run(tokens, "layer")
-    gen = torch.Generator().manual_seed(seed)
-    parsed, values, want = probe_reference(adapter, clean, adapter.sites("layer"), n_patches, gen)
-    try:
-        got = recurrent_patch(adapter, clean, parsed, values)
-    except (CausalNetError, *MODULE_ERRORS) as err:
-        return f"the recurrent replay failed on the probe: {type(err).__name__}: {err}", None
+    with lifted(found):  # the guard covers the clamps (causalnet.adapters.timestep)
+        clean = adapter.clean_run(tokens, "layer")
+        gen = torch.Generator().manual_seed(seed)
+        sites = adapter.sites("layer")
+        parsed, values, want = probe_reference(adapter, clean, sites, n_patches, gen)
+        try:
+            got = recurrent_patch(adapter, clean, parsed, values)
+        except (CausalNetError, *MODULE_ERRORS) as err:
+            return f"the recurrent replay failed on the probe: {type(err).__name__}: {err}", None
     diff = relative_difference(got, want, clean)
     if diff > atol:
         return (

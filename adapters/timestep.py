@@ -11,9 +11,11 @@ So the replay runs guarded (:func:`guard`): a hook on each such mixer's input pr
 the replayed rows' time steps as the step computes them (the same ``softplus`` of the same
 sum) and raises :class:`ClampBinds` if any falls outside the limit; the adapter then patches
 that call by the exact hooked re-forward (:meth:`causalnet.adapters.generic.GenericAdapter.patch`
-counts these in ``clamp_fallbacks``). A mixer that clamps but whose time step cannot be read
-there (its projection is not laid out as above) is named by :func:`step_mismatch` and the fast
-path is refused, as before.
+counts these in ``clamp_fallbacks``). The fast checks' probe runs with the clamps lifted
+(:func:`lifted`): it tests the replay's machinery (cache, arguments, row batching), the guard
+covers the clamp, and a probe whose time steps the scan would clamp does not refuse the model.
+A mixer that clamps but whose time step cannot be read there (its projection is not laid out
+as above) is named by :func:`step_mismatch` and the fast path is refused, as before.
 
 >>> from causalnet.adapters.tiny_configs import tiny_model
 >>> [(c.name, c.low) for c in clamps(tiny_model("zamba2"))[0]][:1]
@@ -22,7 +24,9 @@ path is refused, as before.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +37,7 @@ from causalnet.errors import UnsupportedModelError
 
 from .hooks import HookSet
 
-__all__ = ["Clamp", "ClampBinds", "check_guards", "clamps", "guard", "step_mismatch"]
+__all__ = ["Clamp", "ClampBinds", "check_guards", "clamps", "guard", "lifted", "step_mismatch"]
 
 
 class ClampBinds(UnsupportedModelError):
@@ -126,3 +130,17 @@ def check_guards(hooks: HookSet, guarded: dict[str, nn.Module], blocks: list[nn.
     step would let a clamped row through unseen."""
     inside = {id(m) for block in blocks for m in block.modules()}
     hooks.check([key for key, mixer in guarded.items() if id(mixer) in inside])
+
+
+@contextlib.contextmanager
+def lifted(found: list[Clamp]) -> Iterator[None]:
+    """Within: every clamped mixer's ``time_step_limit`` is (0, inf), so its scan and its step
+    compute one function (the fast checks' probe runs so); restored on exit, also on error."""
+    before = [(c.mixer, c.mixer.time_step_limit) for c in found]
+    try:
+        for c in found:
+            c.mixer.time_step_limit = (0.0, math.inf)
+        yield
+    finally:
+        for mixer, limit in before:
+            mixer.time_step_limit = limit

@@ -269,3 +269,27 @@ def test_a_block_called_with_an_earlier_blocks_output_is_refused():
         pre._refuse_flows([out0, torch.randn(1, 1, 4), None])
     pre.kwargs[2] = {"extra": [torch.randn(1, 1, 4)]}
     pre._refuse_flows([out0, torch.randn(1, 1, 4), None])
+
+
+def test_a_probe_whose_time_steps_the_scan_clamps_does_not_refuse_the_model():
+    """Zamba2 with every dt_bias lowered to -10 (every time step ~5e-5, below 0.001: the scan
+    clamps them all). The fast check's probe runs with the clamps lifted, so it checks the
+    replay and passes; the limits are restored after it; each patch call then falls back
+    through the guard, with the re-forward's numbers (1e-4, float32)."""
+    model = tiny_model("zamba2")
+    mixers = [m for m in model.modules() if hasattr(m, "time_step_limit")]
+    with torch.no_grad():
+        for m in mixers:
+            m.dt_bias.fill_(-10.0)
+    adapter = adapt(model, generic=True)
+    assert adapter.fast_refusal is None, adapter.fast_refusal
+    assert all(m.time_step_limit == (0.001, float("inf")) for m in mixers)
+    clean = adapter.clean_run(prompt(), "layer")
+    sites = adapter.sites("layer")
+    values = site_scale_values(adapter, clean, sites, n=2)
+    got = adapter.patch(clean, sites, values)
+    assert adapter.clamp_fallbacks == 1
+    want = reforward_patch(adapter, clean, [adapter.site(s) for s in sites], values)
+    scale = max(1.0, abs(clean.centred_logit))
+    for field in ("centred_logit", "sigma", "direct_effects"):
+        assert float((getattr(got, field) - getattr(want, field)).abs().max()) <= 1e-4 * scale
