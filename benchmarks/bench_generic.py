@@ -119,22 +119,24 @@ def rel_diffs(x: Readouts, y: Readouts) -> dict[str, float]:
     return {k: v / max(1.0, float(getattr(y, k).abs().max())) for k, v in raw.items()}
 
 
-def agreement_float64(
+def agreement(
     hand: Any, gen: Any, prompts: list[torch.Tensor], sites: list[str]
-) -> dict[str, dict[str, float]]:
-    """The check before any time: the generic and hand-written paths of SmolLM2 cast to float64,
-    on the first prompt (relative to max(1, |value|); the gate is 1e-5), and each float32 path
-    against that float64 result -- in float32 the two paths sum in different orders and on some
-    CPUs differ by ~1e-5 of the largest value, as each differs from float64 (gate 1e-4)."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The check before any time, on the first prompt, relative to max(1, |value|): (the float32
+    generic path against the float32 hand-written one -- gate 1e-4: they sum in different orders
+    and on some CPUs differ by ~1e-5 of the largest value, as each differs from float64 --, the
+    two paths cast to float64 against each other -- gate 1e-5 -- and each float32 path against
+    that float64 result). Every run patches the same values (the float64 resample's)."""
     hand64 = load("smollm2-135m", dtype=torch.float64)
     gen64 = adapt(hand64.model, generic=True)
     values = resample(hand64, prompts, 0)
     truth = way_c(hand64, prompts[0], sites, values)
-    out = {"generic_vs_hand": rel_diffs(way_c(gen64, prompts[0], sites, values), truth)}
+    exact = {"generic_vs_hand": rel_diffs(way_c(gen64, prompts[0], sites, values), truth)}
     v32 = values.float()
-    for name, a in (("hand", hand), ("generic", gen)):
-        out[f"{name}_float32_vs_float64"] = rel_diffs(way_c(a, prompts[0], sites, v32), truth)
-    return out
+    h32, g32 = (way_c(a, prompts[0], sites, v32) for a in (hand, gen))
+    exact["hand_float32_vs_float64"] = rel_diffs(h32, truth)
+    exact["generic_float32_vs_float64"] = rel_diffs(g32, truth)
+    return rel_diffs(g32, h32), exact
 
 
 def warm_up(adapter: Any, prompts: list[torch.Tensor]) -> float:
@@ -243,9 +245,7 @@ def smollm2(
     if refusal is not None:
         raise SystemExit(f"the generic fast path is refused on SmolLM2: {refusal}")
     sites = hand.sites("layer")
-    values = resample(hand, prompts, 0)
-    diffs = rel_diffs(way_c(gen, prompts[0], sites, values), way_c(hand, prompts[0], sites, values))
-    exact = agreement_float64(hand, gen, prompts, sites)
+    diffs, exact = agreement(hand, gen, prompts, sites)
     if max(exact["generic_vs_hand"].values()) > 1e-5 or max(diffs.values()) > 1e-4:
         raise SystemExit(f"generic and hand-written disagree on SmolLM2: {diffs}, {exact}")
     warm_s = {"hand": warm_up(hand, warm), "generic": warm_up(gen, warm)}

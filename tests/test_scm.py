@@ -467,27 +467,6 @@ def test_a_builtin_of_the_wrong_arity_is_a_mechanism_error_when_run() -> None:
         scm.run({"u": U, "v": U})
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "causalnet.scm",
-        "causalnet.effects",
-        "causalnet.ablations",
-        "causalnet.graph",
-        "causalnet.toys",
-        "causalnet.hydra.cleanruns",
-        "causalnet.adapters.timestep",
-    ],
-)
-def test_docstring_examples_run(module: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), extraglobs={"torch": torch})
-    assert result.attempted > 0
-    assert result.failed == 0
-
-
 def test_an_ablation_given_to_run_points_to_the_effect_functions() -> None:
     from causalnet import Resample
 
