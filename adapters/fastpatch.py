@@ -138,6 +138,7 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
     order_t = torch.tensor(order, device=dev)
     vals = values[order_t].reshape(n_rows, d)
     row_head = torch.tensor([parsed[i].head for i in order], device=dev).repeat_interleave(n_patch)
+    any_head = bool((row_head >= 0).any())
 
     def bound(k: int) -> int:
         return bisect.bisect_left(sorted_keys, k) * n_patch
@@ -167,12 +168,15 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
                 ent = slice(run, a_end)
                 heads = row_head[ent]
                 is_head = heads >= 0
-                ar = torch.arange(run, a_end, device=dev)
-                whole = ar[~is_head]
-                hrows = ar[is_head]
+                if any_head:
+                    ar = torch.arange(run, a_end, device=dev)
+                    whole, hrows = ar[~is_head], ar[is_head]
+                else:  # every entering row patches the whole attention part: a slice
+                    whole, hrows = ent, row_head[:0]
+                n_whole = len(range(run, a_end)) if not any_head else len(whole)
                 state.set(
-                    whole if len(whole) else None,
-                    vals[whole] if len(whole) else None,
+                    whole if n_whole else None,
+                    vals[whole] if n_whole else None,
                     hrows if len(hrows) else None,
                     heads[is_head] if len(hrows) else None,
                     vals[hrows] if len(hrows) else None,
@@ -202,7 +206,9 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
                     num[hrows, hcol + heads[is_head]] = vals_w[hrows]
                 else:
                     num[:a_end, col[f"attn.{layer}"]] = dot(state.attn)
-                num[:a_end, col[f"mlp.{layer}"]] = dot(state.mlp * p.beta[layer])
+                beta = p.beta[layer]
+                mlp = state.mlp if beta == 1.0 else state.mlp * beta  # x * 1.0 == x exactly
+                num[:a_end, col[f"mlp.{layer}"]] = dot(mlp)
             if m_end > a_end:  # rows entering at this layer's MLP skip the block
                 z[a_end:m_end] = cap.pre[layer] + cap.attn[layer] + vals[a_end:m_end]
                 num[a_end:m_end, col[f"mlp.{layer}"]] = vals_w[a_end:m_end]

@@ -34,13 +34,14 @@ from .readout import accumulation_dtype
 def head_terms(proj: nn.Module, z: Tensor, n_heads: int) -> Tensor:
     """Per-head terms of the projection ``proj`` of concatenated heads: [..., H*dh] -> [..., H, d]
     (``Linear``: weight [d, H*dh]; ``Conv1D``: weight [H*dh, d]); a bias is split equally."""
-    zh = z.unflatten(-1, (n_heads, -1))  # [..., H, dh]
+    dtype = torch.promote_types(z.dtype, proj.weight.dtype)
+    zh = z.unflatten(-1, (n_heads, -1)).to(dtype)  # [..., H, dh]
     if isinstance(proj, Conv1D):
-        w = proj.weight.view(n_heads, -1, proj.weight.shape[1])  # [H, dh, d]
-        out = (zh[..., None] * w).sum(-2)
+        w = proj.weight.view(n_heads, -1, proj.weight.shape[1]).to(dtype)  # [H, dh, d]
+        out = torch.einsum("...hk,hkd->...hd", zh, w)
     else:
-        w = proj.weight.view(proj.weight.shape[0], n_heads, -1)  # [d, H, dh]
-        out = (zh[..., None, :] * w.transpose(0, 1)).sum(-1)
+        w = proj.weight.view(proj.weight.shape[0], n_heads, -1).to(dtype)  # [d, H, dh]
+        out = torch.einsum("...hk,dhk->...hd", zh, w)
     if proj.bias is not None:
         out = out + proj.bias / n_heads
     return out

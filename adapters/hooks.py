@@ -137,13 +137,22 @@ class HookSet:
 
 
 def call_model(
-    model: nn.Module, tokens: Tensor, last_only: bool = False, keep: list | None = None
+    model: nn.Module,
+    tokens: Tensor,
+    last_only: bool = False,
+    keep: list | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """The model's logits [B, T, V] (or [B, 1, V] with ``last_only`` where the model supports
     ``logits_to_keep``) for token ids [B, T]; no KV cache, unless ``keep`` is a list: then a
     Hugging Face model runs with its cache and ``keep`` receives the cache object it returned
-    (None if none). A module that is not a Hugging Face model is called as ``model(tokens)`` and
-    may return logits, a tuple or an object with ``.logits``."""
+    (None if none). ``positions`` [B]: only row b's logits at ``positions[b]`` are needed; with
+    B > 1, a model that slices by transformers' ``logits_to_keep`` as a [B, 1] tensor of
+    positions returns those, [B, 1, V], and any other model all of them (its forward runs again
+    without the argument where it refused it; an integer-only ``logits_to_keep`` refuses a
+    tensor of more than one element, so B = 1 is never sent one). A module that is not a
+    Hugging Face model is called as ``model(tokens)`` and may return logits, a tuple or an
+    object with ``.logits``."""
     from transformers import PreTrainedModel
 
     with torch.no_grad():
@@ -151,17 +160,56 @@ def call_model(
             kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": keep is not None}
             if last_only:
                 kwargs["logits_to_keep"] = 1
+            elif (
+                positions is not None
+                and len(positions) > 1
+                and type(model) not in POSITIONS_REFUSED
+            ):
+                out = _logits_at(model, kwargs, positions, tokens.shape)
+                if out is not None:
+                    return _finish(out, keep, model)
             try:
                 out = model(**kwargs)
             except TypeError:
                 kwargs.pop("logits_to_keep", None)
                 out = model(**kwargs)
-            if keep is not None:
-                keep.append(getattr(out, "past_key_values", None))
         else:
             out = model(tokens)
             if keep is not None:
                 keep.append(None)
+                keep = None
+    return _finish(out, keep, model)
+
+
+#: model classes whose forward did not take ``logits_to_keep`` as a [B, 1] tensor of positions
+#: (:func:`call_model` computes all their logits): class -> what happened
+POSITIONS_REFUSED: dict[type, str] = {}
+
+
+def _takes_positions(model: nn.Module) -> bool:
+    return type(model) not in POSITIONS_REFUSED
+
+
+def _logits_at(model: nn.Module, kwargs: dict, positions: Tensor, shape: torch.Size) -> Any:
+    """The model's output with ``logits_to_keep`` = ``positions`` [B, 1], or None (and the
+    model's class noted) where it refused that or returned logits of another shape."""
+    try:
+        out = model(**kwargs, logits_to_keep=positions[:, None])
+    except (TypeError, IndexError, RuntimeError, ValueError) as err:
+        POSITIONS_REFUSED[type(model)] = f"{type(err).__name__}: {err}"
+        return None
+    logits = getattr(out, "logits", None)
+    if logits is None or tuple(logits.shape[:2]) != (shape[0], 1):
+        got = None if logits is None else tuple(logits.shape)
+        POSITIONS_REFUSED[type(model)] = f"logits of shape {got} for tokens {tuple(shape)}"
+        return None
+    return out
+
+
+def _finish(out: Any, keep: list | None, model: nn.Module) -> Tensor:
+    """The logits [B, T', V] of a model's output (``keep`` receives its cache, if asked)."""
+    if keep is not None:
+        keep.append(getattr(out, "past_key_values", None))
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = first(out)

@@ -114,7 +114,7 @@ def attend(
     q = query.reshape(n, kv_heads, g, d).permute(1, 0, 2, 3)  # [H_kv, n, g, d]
     qg = q.reshape(kv_heads, n * g, d)
     s_pre = torch.bmm(qg, key.prefix[0].transpose(1, 2)).view(kv_heads, n, g, t)
-    s_own = (q * key.own.permute(1, 0, 2, 3)).sum(-1, keepdim=True)  # [H_kv, n, g, 1]
+    s_own = (qg.view(kv_heads, n, g, d) * key.own.permute(1, 0, 2, 3)).sum(-1, keepdim=True)
     scores = torch.cat([s_pre, s_own], -1).mul_(scale)
     if mask is not None:
         m = mask.expand(n, n_heads, 1, t + 1).reshape(n, kv_heads, g, t + 1).permute(1, 0, 2, 3)

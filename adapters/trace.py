@@ -85,7 +85,7 @@ def record(
             return x
         if x.shape[1] == n_t:
             return x[rows_all, at]
-        return x[:, -1]  # logits of the last position only
+        return x[:, -1]  # logits kept at one position per row (last_only, or ``at``)
 
     rec: dict[str, Any] = {"pre": [None] * p.n_layers, "z": [None] * p.n_layers}
     rec.update(o=[None] * p.n_layers, moved=[])
@@ -173,7 +173,10 @@ def record(
         hooks.pre(p.readout.unembed if final is None else final, "final", final_pre)
         hooks.post(p.readout.unembed, "unembed", unembed_post)
         kept: list[Any] | None = [] if keep_cache else None
-        logits = call_model(adapter.model, tokens, last_only=last_only, keep=kept)
+        # a clean run's logits are read at ``at`` only: the model projects just those rows
+        # where it can (not a patched run: a refused first try would record patches twice)
+        where = at if at is not None and not last_only and not by else None
+        logits = call_model(adapter.model, tokens, last_only, kept, positions=where)
         hooks.check()
         head_vals = None
         if p.o_proj is not None and (heads or any(k[0] == "o_proj" for k in by)):

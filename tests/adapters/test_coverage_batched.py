@@ -4,7 +4,8 @@ each prompt its own clean run and, where the cache can be cut exactly, its own c
 (:func:`causalnet.adapters.frozencache.prefix_caches`). Patches from them agree with the hooked
 re-forward of each prompt alone (:func:`causalnet.adapters.trace.reforward_patch`, one forward
 per row): centred logit, sigma and direct effects within 1e-4 of max(1, |value|) in float32;
-the clean site values with the prompt's own clean run within 1e-5 of their scale. About 25 s:
+the clean site values, logits and centred logit with the prompt's own clean run within 1e-5 of
+their scale, the same target. About 25 s:
 slow tier.
 """
 
@@ -46,6 +47,12 @@ def test_patches_from_a_batched_clean_run_equal_each_prompts_own_re_forward(mode
         alone = adapter.clean_run(prompt)
         scale = max(1.0, float(alone.site_values.abs().max()))
         assert float((run.site_values - alone.site_values).abs().max()) <= 1e-5 * scale
+        # the batch's logits are its prompts' own at their last positions (projected there
+        # alone where the model slices by logits_to_keep positions: hooks.call_model)
+        assert run.target == alone.target
+        top = max(1.0, float(alone.logits.abs().max()))
+        assert float((run.logits - alone.logits).abs().max()) <= 1e-5 * top
+        assert abs(run.centred_logit - alone.centred_logit) <= 1e-5 * top
         values = torch.randn(len(sites), 2, adapter.arch.d_model, generator=gen)
         values = values.to(adapter.dtype)
         got = adapter.patch(run, sites, values)
