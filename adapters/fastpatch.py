@@ -171,9 +171,9 @@ def fast_patch(adapter: Any, clean: CleanRun, parsed: list[Site], values: Tensor
                 if any_head:
                     ar = torch.arange(run, a_end, device=dev)
                     whole, hrows = ar[~is_head], ar[is_head]
+                    n_whole = len(whole)
                 else:  # every entering row patches the whole attention part: a slice
-                    whole, hrows = ent, row_head[:0]
-                n_whole = len(range(run, a_end)) if not any_head else len(whole)
+                    whole, hrows, n_whole = ent, row_head[:0], a_end - run
                 state.set(
                     whole if n_whole else None,
                     vals[whole] if n_whole else None,

@@ -158,27 +158,23 @@ def call_model(
     with torch.no_grad():
         if isinstance(model, PreTrainedModel):
             kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": keep is not None}
+            out = None
             if last_only:
                 kwargs["logits_to_keep"] = 1
-            elif (
-                positions is not None
-                and len(positions) > 1
-                and type(model) not in POSITIONS_REFUSED
-            ):
+            elif positions is not None and len(positions) > 1:
                 out = _logits_at(model, kwargs, positions, tokens.shape)
-                if out is not None:
-                    return _finish(out, keep, model)
-            try:
-                out = model(**kwargs)
-            except TypeError:
-                kwargs.pop("logits_to_keep", None)
-                out = model(**kwargs)
+            if out is None:
+                try:
+                    out = model(**kwargs)
+                except TypeError:
+                    kwargs.pop("logits_to_keep", None)
+                    out = model(**kwargs)
+            cache = getattr(out, "past_key_values", None)
         else:
-            out = model(tokens)
-            if keep is not None:
-                keep.append(None)
-                keep = None
-    return _finish(out, keep, model)
+            out, cache = model(tokens), None
+    if keep is not None:
+        keep.append(cache)
+    return _logits(out, model)
 
 
 #: model classes whose forward did not take ``logits_to_keep`` as a [B, 1] tensor of positions
@@ -186,13 +182,11 @@ def call_model(
 POSITIONS_REFUSED: dict[type, str] = {}
 
 
-def _takes_positions(model: nn.Module) -> bool:
-    return type(model) not in POSITIONS_REFUSED
-
-
 def _logits_at(model: nn.Module, kwargs: dict, positions: Tensor, shape: torch.Size) -> Any:
-    """The model's output with ``logits_to_keep`` = ``positions`` [B, 1], or None (and the
-    model's class noted) where it refused that or returned logits of another shape."""
+    """The model's output with ``logits_to_keep`` = ``positions`` [B, 1], or None where its
+    class refused that or returned logits of another shape (noted, and not asked again)."""
+    if type(model) in POSITIONS_REFUSED:
+        return None
     try:
         out = model(**kwargs, logits_to_keep=positions[:, None])
     except (TypeError, IndexError, RuntimeError, ValueError) as err:
@@ -206,10 +200,8 @@ def _logits_at(model: nn.Module, kwargs: dict, positions: Tensor, shape: torch.S
     return out
 
 
-def _finish(out: Any, keep: list | None, model: nn.Module) -> Tensor:
-    """The logits [B, T', V] of a model's output (``keep`` receives its cache, if asked)."""
-    if keep is not None:
-        keep.append(getattr(out, "past_key_values", None))
+def _logits(out: Any, model: nn.Module) -> Tensor:
+    """The logits [B, T', V] of a model's output (an object with ``.logits``, or first)."""
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = first(out)
