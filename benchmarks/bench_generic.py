@@ -53,6 +53,7 @@ from causalnet.adapters.trace import reforward_patch
 from causalnet.hydra import cleanruns
 from causalnet.hydra.cleanruns import CleanGroups
 from causalnet.hydra.data import load_prompts
+from causalnet.hydra.heap import keep_heap
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 15
@@ -139,16 +140,24 @@ def agreement(
     return rel_diffs(g32, h32), exact
 
 
-def warm_up(adapter: Any, prompts: list[torch.Tensor]) -> float:
+def warm_up(adapter: Any, prompts: list[torch.Tensor]) -> dict[str, float]:
     """What a sweep's earlier prompts leave behind, untimed for the comparison: each prompt's
     clean run and a patch of two sites (the generic path learns there which block arguments
-    prompts of one length share). Returns the seconds it took."""
-    sites = adapter.sites("layer")[:2]
+    prompts of one length share), then one full patch (every site, K rows: a sweep's first
+    prompt). The full patch pays once per process what every later prompt reuses: oneDNN's
+    kernel for each row count the patch's layers see (~1 ms each, ~300 of them) and the first
+    allocations of its largest buffers. Returns the seconds each part took."""
+    sites = adapter.sites("layer")
     t0 = time.perf_counter()
     for tokens in prompts:
         clean = adapter.clean_run(tokens)
-        adapter.patch(clean, sites, clean.site_values[1:3, None].clone())
-    return time.perf_counter() - t0
+        adapter.patch(clean, sites[:2], clean.site_values[1:3, None].clone())
+    t1 = time.perf_counter()
+    clean = adapter.clean_run(prompts[0])
+    values = clean.site_values[1:, None].expand(-1, K, -1).clone()
+    adapter.patch(clean, sites, values)
+    t2 = time.perf_counter()
+    return {"two_site_patches_s": t1 - t0, "first_full_patch_s": t2 - t1}
 
 
 class CaptureCount:
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         print(summary_table(json.loads(Path(args.summary).read_text())), end="")
         return 0
+    keep_heap()  # as a CPU sweep's process does (causalnet.hydra.heap)
     torch.manual_seed(0)
     r: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

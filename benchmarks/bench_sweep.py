@@ -63,6 +63,7 @@ from torch.nn import functional as F
 from causalnet.adapters import kernels, load
 from causalnet.adapters.naive import naive_patch, naive_readout
 from causalnet.hydra.data import load_prompts
+from causalnet.hydra.heap import heap_kept, keep_heap
 from causalnet.hydra.sweep import SweepConfig, ablation_values
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,6 +93,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "linear_kernel_float32_cpu": kernels.status(),
         "device": str(device),
+        # glibc's heap kept, as a CPU sweep keeps it (causalnet.hydra.heap)
+        "heap_kept": heap_kept(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_heap()  # as a sweep's process does (causalnet.hydra.heap)
     dtype = getattr(torch, args.dtype)
     load_start = os.getloadavg()
 

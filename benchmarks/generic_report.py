@@ -20,6 +20,36 @@ def smollm2_rates(s: dict[str, Any], mm: float) -> str:
     )
 
 
+def heap_text(machine: dict[str, Any]) -> str:
+    """Whether glibc's heap was kept (causalnet.hydra.heap; results from before: nothing)."""
+    if "heap_kept" not in machine:
+        return ""
+    kept = "kept" if machine["heap_kept"] else "not kept (glibc's defaults)"
+    return f". Heap: {kept}, as a CPU sweep keeps it (causalnet.hydra.heap)."
+
+
+def warm_text(warm: dict[str, Any]) -> str:
+    """The warm-up's seconds per path: a clean run and two patched sites per prompt, then (results
+    from 2026-12-02 21:00 on) one full patch, a sweep's first prompt, timed on its own."""
+    parts = []
+    for k, v in warm.items():
+        if isinstance(v, dict):
+            parts.append(
+                f"{v['two_site_patches_s']:.1f} s {k} for the two-site patches, "
+                f"{v['first_full_patch_s']:.2f} s for its first full patch"
+            )
+        else:
+            parts.append(f"{v:.1f} s {k}")
+    text = ", ".join(parts)
+    if any(isinstance(v, dict) for v in warm.values()):
+        return (
+            text + ": a clean run and two patched sites each, then one prompt's full patch, "
+            "which pays once per process oneDNN's kernel for each row count and the first "
+            "allocations of the largest buffers"
+        )
+    return text + ": a clean run and two patched sites each"
+
+
 def breakdown_lines(r: dict[str, Any], mm: float) -> list[str]:
     """The Markdown table of where the fast paths' time goes (results that have it)."""
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -93,7 +123,8 @@ def render(r: dict[str, Any]) -> str:
         + ", ".join(
             f"{k} {v:.0f} / {r.get('gemm_after', {}).get(k, float('nan')):.0f}"
             for k, v in r["gemm_before"].items()
-        ),
+        )
+        + heap_text(r["machine"]),
         "",
         "## SmolLM2-135M: generic vs hand-written Llama (60 sites, K = 15, every readout)",
         "",
@@ -117,8 +148,7 @@ def render(r: dict[str, Any]) -> str:
         "path's first prompt of each length captures the blocks' arguments with a forward of its "
         "own, later ones of that length share them). Both paths first ran "
         f"{s['warm_up_prompts']} other prompts untimed, as a sweep's earlier prompts would "
-        f"({s['warm_up_s']['hand']:.1f} s hand, {s['warm_up_s']['generic']:.1f} s generic: a clean "
-        "run and two patched sites each); prompts of one length share arguments: "
+        f"({warm_text(s['warm_up_s'])}); prompts of one length share arguments: "
         f"{s['arguments_by_length']}; timed generic prompts that captured their own: "
         f"{s['timed_prompts_that_captured']}.",
         "",
@@ -153,6 +183,17 @@ def render(r: dict[str, Any]) -> str:
             f" The timed prompts after the first take their clean runs as a sweep does: one "
             f"forward per group of up to {g['prompts']} consecutive prompts ({g['tokens']} padded "
             "tokens; causalnet.hydra.cleanruns), timed with the group's first prompt."
+        )
+    firsts = {
+        name: m["warm_up_s"]["first_full_patch_s"]
+        for name, m in r["random"].items()
+        if isinstance(m.get("warm_up_s"), dict)
+    }
+    if firsts:
+        lines[-1] += (
+            " The warm-up's first full patch, once per process: "
+            + ", ".join(f"{name} {secs:.2f} s" for name, secs in firsts.items())
+            + "."
         )
     lines += breakdown_lines(r, mm)
     return "\n".join(lines) + "\n"

@@ -52,6 +52,7 @@ from .data import Prompt
 from .executors import Executor, SerialExecutor, Write
 from .fingerprints import model_fingerprint, prompts_fingerprint
 from .folder import check_out_folder
+from .heap import heap_kept, keep_heap
 from .parallel import prompt_threads
 from .plan import (
     PromptRows,
@@ -134,6 +135,8 @@ def run_sweep(
     given = adapter
     if adapter is None:
         adapter = load_for_config(config.model, config.dtype, config.device)
+    if str(getattr(adapter, "device", "")) == "cpu":
+        keep_heap()  # a sweep's process is given over to it (causalnet.hydra.heap)
     args["model_fingerprint"] = model_fingerprint(config.model, given)
     check_resumable(out, args)
     t_loaded = time.perf_counter()
@@ -171,6 +174,7 @@ def run_sweep(
             "n_computed_this_run": len(todo),
             "workers": executor.workers,
             "prompt_threads": executor.prompt_threads,
+            "heap_kept": heap_kept(),
             "time_load_s": round(t_loaded - t_start, 3),
             "time_pool_s": round(t_pool - t_loaded, 3),
             "time_sweep_s": round(t_end - t_pool, 3),
