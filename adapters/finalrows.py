@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from causalnet.errors import UnsupportedModelError
 from causalnet.sites import Site
 
+from .fullcache import cache_kwargs, mark
 from .hooks import call_model
 from .readout import accumulation_dtype, vocab_mean
 from .recorders import cache_keyword, find_cache
@@ -54,6 +55,7 @@ def forward_last(model: nn.Module, **kwargs: Any) -> Any:
     ``logits_to_keep`` (the replays need none)."""
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
+    kwargs.update(cache_kwargs(model, kwargs))  # a plain cache where marked (fullcache)
     return model(**kwargs)
 
 
@@ -150,16 +152,19 @@ def relative_difference(got: PatchedRun, want: PatchedRun, clean: CleanRun) -> f
     ) / max(1.0, abs(clean.centred_logit))
 
 
-def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
+def cached_step_error(model: nn.Module, tokens: Tensor, cache: Any = None) -> float | None:
     """How far the model's own cached decoding is from its full forward on ``tokens`` [T]
     (T >= 2): the largest difference of the last position's logits between ``model(tokens)``
     and ``model(tokens[:-1])`` followed by the step on ``tokens[-1:]`` from the cache it
     returned (:func:`forward_step`), relative to max(1, their largest magnitude). None where the
-    model returns no cache."""
+    model returns no cache. ``cache``: an empty cache to fill instead of the model's own (the
+    one it makes, or the plain one of :mod:`causalnet.adapters.fullcache` where marked)."""
     ids = tokens[None]
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
-        out = model(input_ids=ids[:, :-1], use_cache=True)
+        given = {} if cache is None else {cache_keyword(model): cache}
+        kwargs = {"use_cache": True, **given}
+        out = model(input_ids=ids[:, :-1], **kwargs, **cache_kwargs(model, kwargs))
         try:
             cache, keyword = find_cache(out), cache_keyword(model)
         except UnsupportedModelError:
@@ -167,6 +172,29 @@ def cached_step_error(model: nn.Module, tokens: Tensor) -> float | None:
         step = forward_step(model, ids, use_cache=True, **{keyword: cache}).logits[0, -1]
     scale = max(1.0, float(full.abs().max()))
     return float((full.double() - step.double()).abs().max()) / scale
+
+
+def settle_cache(model: nn.Module, tokens: Tensor, atol: float) -> str | None:
+    """Where the model's own cached decoding on ``tokens`` is more than ``atol`` off its full
+    forward and decoding from a plain ``DynamicCache()`` is within it, :func:`fullcache.mark
+    <causalnet.adapters.fullcache.mark>` the model and say why; else None (nothing changes).
+    A model that cannot run either way is left as it is (its fast check says why)."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    try:
+        own = cached_step_error(model, tokens)
+        if own is None or own <= atol:
+            return None
+        plain = cached_step_error(model, tokens, DynamicCache())
+    except (UnsupportedModelError, *MODULE_ERRORS):
+        return None
+    if plain is None or plain > atol:
+        return None
+    mark(model)
+    return (
+        f"its own cache decodes {own:.2e} off its full forward, a plain DynamicCache "
+        f"{plain:.2e}: its cached forwards get a plain cache (causalnet.adapters.fullcache)"
+    )
 
 
 #: aten ops whose float32 rounding depends on how many rows they run on: matrix products (the

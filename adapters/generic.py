@@ -45,7 +45,7 @@ from causalnet.sites import Site
 from .contract import Architecture, HookPoints, ResidualAdapter
 from .discover import Declaration, Decomposition, discover
 from .fastpatch import check_fast, fast_patch
-from .finalrows import low_precision_ops
+from .finalrows import low_precision_ops, probe_tolerance, settle_cache
 from .frozencache import prefix_caches, remember_prefix
 from .linears import fast_linears
 from .measure import probe_tokens
@@ -87,6 +87,11 @@ class GenericAdapter(ResidualAdapter):
             mixer_blocks=p.one_part,
         )
         self._lock = threading.RLock()
+        #: why the model's cached forwards get a plain cache (:mod:`causalnet.adapters.fullcache`:
+        #: its own decodes off its full forward), or None where its own cache is used
+        self.cache_note = settle_cache(
+            model, probe_tokens(model, p.vocab_size)[0], probe_tolerance(self.dtype)
+        )
         self.verification = verify(self)
         self._fast: tuple[str | None, float | None] | None = None
         self._rows_per_forward: int | None = None  # 1 where the numbers depend on the batch

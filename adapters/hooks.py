@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from causalnet.errors import InterventionError
 
+from .fullcache import cache_kwargs
+
 #: Comparison tolerances relative to the scale of what is compared, per dtype (docs/conventions.md,
 #: "Tolerances": 1e-5 in float32, 1e-10 in float64; half precision is checked at 1e-2).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -158,17 +160,21 @@ def call_model(
     with torch.no_grad():
         if isinstance(model, PreTrainedModel):
             kwargs: dict[str, Any] = {"input_ids": tokens, "use_cache": keep is not None}
+
+            def fresh() -> dict[str, Any]:  # a new plain cache per call where marked (fullcache)
+                return {**kwargs, **cache_kwargs(model, kwargs)}
+
             out = None
             if last_only:
                 kwargs["logits_to_keep"] = 1
             elif positions is not None and len(positions) > 1:
-                out = _logits_at(model, kwargs, positions, tokens.shape)
+                out = _logits_at(model, fresh(), positions, tokens.shape)
             if out is None:
                 try:
-                    out = model(**kwargs)
+                    out = model(**fresh())
                 except TypeError:
                     kwargs.pop("logits_to_keep", None)
-                    out = model(**kwargs)
+                    out = model(**fresh())
             cache = getattr(out, "past_key_values", None)
         else:
             out, cache = model(tokens), None

@@ -229,13 +229,18 @@ def test_rows_that_ran_the_handing_block_carry_their_own_stream_the_others_the_c
             _toy_calls(mode)
 
 
-def test_a_model_whose_own_cached_decoding_is_off_its_forward_falls_back_saying_so():
+def test_a_model_off_its_own_cache_without_the_plain_cache_falls_back_saying_so(monkeypatch):
     """Moshi's cached decoding step is not its full forward (in transformers 5.x, on this tiny
-    config with a window of 4): no replay from the cache can be exact, so patching is by
-    re-forwards, equal to the oracle, and the refusal names the model's own discrepancy."""
+    config with a window of 4). Without the plain cache the adapter gives it
+    (:mod:`causalnet.adapters.fullcache`, switched off here), no replay from its own cache can be
+    exact, so patching is by re-forwards, equal to the oracle, and the refusal names the model's
+    own discrepancy."""
+    import causalnet.adapters.generic as generic_module  # noqa: PLC0415
     from causalnet.adapters.tiny_configs import tiny_model  # noqa: PLC0415
 
+    monkeypatch.setattr(generic_module, "settle_cache", lambda *args: None)
     adapter = adapt(tiny_model("moshi"), generic=True)
+    assert adapter.cache_note is None
     assert adapter.fast_refusal is not None
     assert "own cached decoding is off its full forward" in adapter.fast_refusal
     assert check_patching(adapter, _tokens(), "layer", n_patches=2) <= 1e-4
