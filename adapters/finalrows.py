@@ -163,8 +163,7 @@ def cached_step_error(model: nn.Module, tokens: Tensor, cache: Any = None) -> fl
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
         given = {} if cache is None else {cache_keyword(model): cache}
-        kwargs = {"use_cache": True, **given}
-        out = model(input_ids=ids[:, :-1], **kwargs, **cache_kwargs(model, kwargs))
+        out = forward_last(model, input_ids=ids[:, :-1], use_cache=True, **given)
         try:
             cache, keyword = find_cache(out), cache_keyword(model)
         except UnsupportedModelError:

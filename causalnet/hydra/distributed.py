@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from ..errors import CausalNetError
 from .cleanruns import group_numbers, next_for
 from .config import SweepConfig
-from .heap import keep_heap
+from .heap import keep_heap_on_cpu
 from .plan import PromptRows, SweepPlan, compute_prompt
 
 if TYPE_CHECKING:
@@ -124,8 +124,7 @@ class SweepWorker:
         if device.startswith("cuda"):
             device = "cuda"  # Ray gives this worker its GPU(s) as CUDA_VISIBLE_DEVICES
         self.adapter: TransformerAdapter = load_for_config(config.model, config.dtype, device)
-        if str(getattr(self.adapter, "device", "")) == "cpu":
-            keep_heap()  # this process computes prompts only (causalnet.hydra.heap)
+        keep_heap_on_cpu(self.adapter)  # this process computes prompts only (hydra.heap)
         self._key: str | None = None
         self._packed: PackedPlan | None = None
         self.plan: SweepPlan | None = None

@@ -6,8 +6,9 @@ its mmap threshold (128 KiB at first, then the largest block freed so far) with 
 and hands the heap's free top back to the OS beyond its trim threshold; each fresh page then
 faults in, zeroed by the kernel, on its first write. Measured on a random Qwen3 of
 SmolLM2-135M's size (2-core Intel Xeon, 2026-12-02, three prompts' patches of 60 sites, K = 15,
-six repetitions in each of four processes): 29,000-38,000 page faults per repetition and medians
-of 1.26-1.33 s; with :func:`keep_heap`, 23-560 faults and 1.13-1.15 s.
+six repetitions in each of five processes each way, alternating): 29,000-38,000 page faults per
+repetition and medians of 1.24-1.39 s; with :func:`keep_heap`, 1-805 faults and 1.13-1.18 s.
+(On an AMD EPYC the same change did not move the time.)
 
 :func:`keep_heap` raises both thresholds with glibc's ``mallopt`` (``M_MMAP_THRESHOLD``
 :data:`MMAP_THRESHOLD`, ``M_TRIM_THRESHOLD`` :data:`TRIM_THRESHOLD`). It is process-wide and
@@ -55,6 +56,12 @@ def keep_heap() -> bool:
             raise CausalNetError(f"glibc's mallopt refused {name} = {value}")
     _kept = True
     return True
+
+
+def keep_heap_on_cpu(adapter: object) -> bool:
+    """:func:`keep_heap` where ``adapter``'s model is on the CPU (a sweep's process, a Ray
+    worker); False elsewhere."""
+    return str(getattr(adapter, "device", "")) == "cpu" and keep_heap()
 
 
 def heap_kept() -> bool:

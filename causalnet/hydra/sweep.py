@@ -52,7 +52,7 @@ from .data import Prompt
 from .executors import Executor, SerialExecutor, Write
 from .fingerprints import model_fingerprint, prompts_fingerprint
 from .folder import check_out_folder
-from .heap import heap_kept, keep_heap
+from .heap import heap_kept, keep_heap_on_cpu
 from .parallel import prompt_threads
 from .plan import (
     PromptRows,
@@ -135,8 +135,7 @@ def run_sweep(
     given = adapter
     if adapter is None:
         adapter = load_for_config(config.model, config.dtype, config.device)
-    if str(getattr(adapter, "device", "")) == "cpu":
-        keep_heap()  # a sweep's process is given over to it (causalnet.hydra.heap)
+    keep_heap_on_cpu(adapter)  # a sweep's process is given over to it (causalnet.hydra.heap)
     args["model_fingerprint"] = model_fingerprint(config.model, given)
     check_resumable(out, args)
     t_loaded = time.perf_counter()
