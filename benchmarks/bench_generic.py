@@ -45,8 +45,9 @@ from typing import Any
 
 import torch
 import transformers as T
-from bench_sweep import Readouts, gemm_rates, machine_info, max_diff, way_c, way_naive
+from bench_sweep import Readouts, max_diff, way_c, way_naive
 from generic_report import render, summary_table
+from machine import gemm_rates, machine_info
 
 from causalnet.adapters import adapt, kernels, load, replay
 from causalnet.adapters.trace import reforward_patch
