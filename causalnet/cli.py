@@ -1,12 +1,70 @@
-"""The ``causalnet`` command line: ``hydra`` runs the sweep, ``plot`` and ``report`` read it."""
+"""The ``causalnet`` command line: ``check`` tries a model before a sweep, ``hydra`` runs the sweep,
+``plot`` and ``report`` read it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import CausalNetError
+
+
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that say what a sweep computes (``hydra`` and ``check``)."""
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="'smollm2-135m' (the bundled model) or a local Hugging Face model folder",
+    )
+    parser.add_argument(
+        "--prompts",
+        default="known_1000",
+        help="'known_1000' (bundled Counterfact prompts), 'lre', 'lre:<relation>', or a "
+        "JSON/JSONL file with 'prompt' (and optional 'id', 'attribute') per record",
+    )
+    parser.add_argument("--k", type=int, default=15, help="patches per ablation (default 15)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument(
+        "--sites",
+        default=None,
+        help="comma-separated sites or globs to ablate, e.g. 'attn.*' or 'attn.12,mlp.12'; "
+        "'a+b' ablates a and b together in one run, e.g. 'attn.22+attn.23,attn.20' "
+        "(default: all); every site is still read out",
+    )
+    parser.add_argument(
+        "--granularity",
+        choices=("layer", "head"),
+        default="layer",
+        help="ablate and read out whole layers (attn.L, mlp.L) or attention heads (attn.L.hH)",
+    )
+    parser.add_argument(
+        "--ablation",
+        choices=("resample", "zero", "mean", "noise"),
+        default="resample",
+        help="resample: K other prompts' values (default); zero; mean over the other prompts; "
+        "noise: the value plus Gaussian noise (K draws)",
+    )
+    parser.add_argument(
+        "--noise-std",
+        type=float,
+        default=None,
+        help="std of noise ablation (default: each site's std over the prompts)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patch draws (default 0)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu or cuda; 'auto' spreads a model too big for one device "
+        "over all GPUs, then CPU, then disk (accelerate's device_map)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        default="float32",
+        help="model and activation dtype (default float32)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,53 +85,8 @@ def _parser() -> argparse.ArgumentParser:
             "run resumes when started again with the same arguments."
         ),
     )
-    hydra.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="'smollm2-135m' (the bundled model) or a local Hugging Face model folder",
-    )
-    hydra.add_argument(
-        "--prompts",
-        default="known_1000",
-        help="'known_1000' (bundled Counterfact prompts), 'lre', 'lre:<relation>', or a "
-        "JSON/JSONL file with 'prompt' (and optional 'id', 'attribute') per record",
-    )
-    hydra.add_argument("--k", type=int, default=15, help="patches per ablation (default 15)")
+    _sweep_arguments(hydra)
     hydra.add_argument("--out", required=True, help="results folder (created or resumed)")
-    hydra.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    hydra.add_argument(
-        "--sites",
-        default=None,
-        help="comma-separated sites or globs to ablate, e.g. 'attn.*' or 'attn.12,mlp.12'; "
-        "'a+b' ablates a and b together in one run, e.g. 'attn.22+attn.23,attn.20' "
-        "(default: all); every site is still read out",
-    )
-    hydra.add_argument(
-        "--granularity",
-        choices=("layer", "head"),
-        default="layer",
-        help="ablate and read out whole layers (attn.L, mlp.L) or attention heads (attn.L.hH)",
-    )
-    hydra.add_argument(
-        "--ablation",
-        choices=("resample", "zero", "mean", "noise"),
-        default="resample",
-        help="resample: K other prompts' values (default); zero; mean over the other prompts; "
-        "noise: the value plus Gaussian noise (K draws)",
-    )
-    hydra.add_argument(
-        "--noise-std",
-        type=float,
-        default=None,
-        help="std of noise ablation (default: each site's std over the prompts)",
-    )
-    hydra.add_argument("--seed", type=int, default=0, help="seed of the patch draws (default 0)")
-    hydra.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device, e.g. cpu or cuda; 'auto' spreads a model too big for one device "
-        "over all GPUs, then CPU, then disk (accelerate's device_map)",
-    )
     hydra.add_argument(
         "--workers",
         type=int,
@@ -87,14 +100,21 @@ def _parser() -> argparse.ArgumentParser:
         help="join an existing Ray cluster ('auto', 'ray://host:10001') instead of starting a "
         "local one",
     )
-    hydra.add_argument(
-        "--dtype",
-        choices=("float32", "float64", "bfloat16", "float16"),
-        default="float32",
-        help="model and activation dtype (default float32)",
-    )
     hydra.add_argument("--no-plots", action="store_true", help="skip the figures at the end")
     hydra.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    check = sub.add_parser(
+        "check",
+        help="before a sweep: will the model work, how, and how long (writes nothing)",
+        description=(
+            "Load the model as 'hydra' would; print its decomposition (discovered and verified, "
+            "or the hand-written family), how the numbers would be computed, the sites, the "
+            "sweep's patches of the first prompt against an independent oracle (exit status 1 "
+            "if they disagree beyond the tolerance) and the time of two prompts computed as the "
+            "sweep computes them, extrapolated to the prompt set. Writes nothing."
+        ),
+    )
+    _sweep_arguments(check)
 
     plot = sub.add_parser("plot", help="(re)make the figures of a results folder")
     plot.add_argument("results", help="results folder written by 'causalnet hydra'")
@@ -163,23 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "hydra":
             from .hydra.figures import make_all
-            from .hydra.sweep import SweepConfig, run_sweep
+            from .hydra.sweep import run_sweep
 
-            config = SweepConfig(
-                model=args.model,
-                prompts=args.prompts,
-                ablation=args.ablation,
-                k=args.k,
-                seed=args.seed,
-                granularity=args.granularity,
-                sites=args.sites,
-                limit=args.limit,
-                noise_std=args.noise_std,
-                dtype=args.dtype,
-                device=args.device,
-            )
             out = run_sweep(
-                config,
+                _config(args),
                 args.out,
                 progress=not args.quiet,
                 workers=args.workers,
@@ -202,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .hydra.repair_commands import attribution_report
 
             print(attribution_report(args.results, args.limit, args.top, args.figure))
+        elif args.command == "check":
+            from .hydra.preflight import preflight, preflight_text
+
+            found = preflight(_config(args))
+            print(preflight_text(found), end="")
+            return 0 if found.agrees else 1
         elif args.command == "plot":
             from .hydra.figures import make_all
             from .hydra.figures_repair import FILE, make_repair_figures
@@ -222,6 +235,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"causalnet: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The :class:`causalnet.hydra.config.SweepConfig` of ``hydra``'s or ``check``'s arguments."""
+    from .hydra.config import SweepConfig
+
+    return SweepConfig(
+        model=args.model,
+        prompts=args.prompts,
+        ablation=args.ablation,
+        k=args.k,
+        seed=args.seed,
+        granularity=args.granularity,
+        sites=args.sites,
+        limit=args.limit,
+        noise_std=args.noise_std,
+        dtype=args.dtype,
+        device=args.device,
+    )
 
 
 #: The columns ``causalnet report`` prints by default (``--all`` prints every column).
@@ -249,6 +281,7 @@ def _print_report(results: str, csv: str | None, every_column: bool) -> None:
 
     from .errors import ResultsError
     from .hydra.analysis import fraction_restored, has_single_sites, set_table, summary_table
+    from .hydra.provenance import describe
     from .hydra.store import ResultsStore
 
     # --csv into a missing folder is an error (checked before any work), not a folder created
@@ -258,7 +291,11 @@ def _print_report(results: str, csv: str | None, every_column: bool) -> None:
         raise ResultsError(f"--csv {csv}: is a folder; give the path of a CSV file")
     if target is not None and not target.parent.is_dir():
         raise ResultsError(f"--csv {csv}: the folder {target.parent} does not exist; create it")
-    effects = ResultsStore(results).load_effects()
+    store = ResultsStore(results)
+    effects = store.load_effects()  # first: it names a folder that holds no results
+    how = store.load_run().get("info", {}).get("computed_by")
+    if how is not None:  # how the numbers were computed (causalnet.hydra.provenance)
+        print(f"computed by: {describe(how)}")
     sets = set_table(effects)
     if not has_single_sites(effects):  # a folder of sets only: no per-layer table
         if target is not None:

@@ -17,7 +17,7 @@ def _bench_generic():
     spec = importlib.util.spec_from_file_location("bench_generic_for_test", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))  # it imports bench_sweep beside it
+    sys.path.insert(0, str(path.parent))  # it imports bench_sweep and machine beside it
     try:
         spec.loader.exec_module(module)
     finally:

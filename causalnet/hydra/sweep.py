@@ -68,6 +68,7 @@ from .plan import (
     sweep_sites,
 )
 from .pool import ablation_values, build_pool, prompt_generator, read_pool, save_pool
+from .provenance import computed_by
 from .store import IGNORED_ARG_KEYS, ResultsStore
 from .threads import ThreadExecutor
 
@@ -156,6 +157,7 @@ def run_sweep(
             )
         done = store.completed_ids()
         todo = [i for i, p in enumerate(plan.prompts) if p.id not in done]
+        how = computed_by(adapter)  # proved before any prompt is computed (.provenance)
         executor = choose_executor(adapter, config, todo, workers, ray_address, executor)
         adapter = None  # the executor holds what it needs (Ray workers load their own)
         if todo:
@@ -174,6 +176,7 @@ def run_sweep(
             "workers": executor.workers,
             "prompt_threads": executor.prompt_threads,
             "heap_kept": heap_kept(),
+            "computed_by": how,
             "time_load_s": round(t_loaded - t_start, 3),
             "time_pool_s": round(t_pool - t_loaded, 3),
             "time_sweep_s": round(t_end - t_pool, 3),
