@@ -238,22 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    """The :class:`causalnet.hydra.config.SweepConfig` of ``hydra``'s or ``check``'s arguments."""
+    """The :class:`causalnet.hydra.config.SweepConfig` of ``hydra``'s or ``check``'s arguments
+    (each of its fields is an argument of both, :func:`_sweep_arguments`)."""
+    import dataclasses
+
     from .hydra.config import SweepConfig
 
-    return SweepConfig(
-        model=args.model,
-        prompts=args.prompts,
-        ablation=args.ablation,
-        k=args.k,
-        seed=args.seed,
-        granularity=args.granularity,
-        sites=args.sites,
-        limit=args.limit,
-        noise_std=args.noise_std,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    return SweepConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SweepConfig)})
 
 
 #: The columns ``causalnet report`` prints by default (``--all`` prints every column).
