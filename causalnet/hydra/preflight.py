@@ -198,7 +198,9 @@ def preflight_text(p: Preflight) -> str:
         f"sites: {len(p.sites)} at {p.granularity} granularity ({first} ... {last}), each read "
         f"out at {p.n_readout_sites}",
     ]
-    where = f"prompt {p.prompt_id!r} ({p.n_tokens} tokens), one patch per site"
+    singles = sum("+" not in s for s in p.sites)
+    each_site = "site" if singles == len(p.sites) else f"single site ({singles} of {len(p.sites)})"
+    where = f"prompt {p.prompt_id!r} ({p.n_tokens} tokens), one patch per {each_site}"
     if p.oracle is None:
         lines.append(f"agreement on {where}: not compared (the patches are the re-forward)")
     else:

@@ -18,7 +18,7 @@ from test_mamba_sweep import save_tiny_mamba
 from causalnet.adapters import load, trace
 from causalnet.cli import main
 from causalnet.hydra.config import SweepConfig
-from causalnet.hydra.preflight import preflight
+from causalnet.hydra.preflight import preflight, preflight_text
 from tiny_lm import save_tiny_llama, write_prompts
 
 
@@ -99,3 +99,13 @@ def test_the_timed_prompts_are_later_prompts_of_the_first_prompts_length(tmp_pat
     # the first K + 2 = 5 prompts, then ids 7 (untimed), 9 and 10 of the first prompt's length
     assert found.timed == [9, 10]
     assert found.timed_tokens == [found.n_tokens] * 2 and len(found.seconds) == 2
+
+
+def test_sets_of_sites_are_left_out_of_the_comparison(prompts, tmp_path):
+    """A set (a+b) is patched by the re-forward itself: only the single sites are compared."""
+    folder = save_tiny_generic(tmp_path / "qwen3", "qwen3")
+    config = SweepConfig(model=str(folder), prompts=str(prompts), k=3, sites="attn.0+attn.1,mlp.1")
+    text = preflight_text(preflight(config, n_timed=1))
+    assert "one patch per single site (1 of 2): agrees with the hooked re-forward" in text
+    only_sets = preflight(dataclasses.replace(config, sites="attn.0+attn.1"), n_timed=1)
+    assert only_sets.oracle is None and only_sets.disagreement is None and only_sets.agrees
