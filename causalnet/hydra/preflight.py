@@ -42,7 +42,7 @@ from .config import SweepConfig
 from .heap import keep_heap_on_cpu
 from .plan import compute_prompt, plan_sweep, pool_sites, sweep_prompts
 from .pool import ablation_values
-from .provenance import computed_by, describe
+from .provenance import REFORWARD, computed_by, describe
 
 #: how close the sweep's patches must come to the oracle, relative to max(1, |centred logit|)
 TOLERANCE = {
@@ -103,7 +103,7 @@ def preflight(config: SweepConfig, adapter: Any = None, n_timed: int = 2) -> Pre
         chosen = rest[: n_timed + 1]
     sample = base + chosen
     plan = plan_sweep(replace(config, limit=None), adapter, prompts=sample)
-    oracle, disagreement = _agreement(adapter, plan)
+    oracle, disagreement = _agreement(adapter, plan, how)
     # untimed: the first prompt (once-per-process costs) and a second of its length (a
     # discovered model learns there that prompts of one length share the blocks' arguments)
     for i in (0, len(base)):
@@ -145,36 +145,29 @@ def preflight(config: SweepConfig, adapter: Any = None, n_timed: int = 2) -> Pre
     )
 
 
-def _agreement(adapter: Any, plan: Any) -> tuple[str | None, float | None]:
+def _agreement(adapter: Any, plan: Any, how: dict[str, Any]) -> tuple[str | None, float | None]:
     """(the oracle, the largest difference of centred logits, sigmas and direct effects from it
     relative to max(1, |clean centred logit|)) of the sweep's patches of the first prompt, one
-    patch per single site; (None, None) where the patches are the re-forward itself or every
-    ablated site is a set (sets are patched by the re-forward)."""
+    patch per single site; (None, None) where the patches are the re-forward itself (``how``:
+    :func:`causalnet.hydra.provenance.computed_by`) or every ablated site is a set (sets are
+    patched by the re-forward)."""
+    from causalnet.adapters.finalrows import relative_difference
     from causalnet.adapters.naive import naive_patch, naive_readout
     from causalnet.adapters.trace import reforward_patch
 
     config = plan.config
     columns = pool_sites(plan.sites, plan.readout_sites)
     sites = [s for s in plan.sites if "+" not in s]  # sets (a+b) are re-forwards anyway
-    if not sites:
+    if not sites or how["patching"] == REFORWARD:
         return None, None
     clean = adapter.clean_run(plan.tokens[0], config.granularity)
     values, _ = ablation_values(config, plan.pool, 0)  # [pool columns, K, d]
     rows = torch.tensor([columns.index(s) for s in sites])
     values = values[rows, :1].to(clean.site_values.dtype).contiguous()  # [S, 1, d]
     got = adapter.patch(clean, sites, values)
-    scale = max(1.0, abs(float(clean.centred_logit)))
-    if getattr(adapter, "verification", None) is not None:  # a discovered model
-        if adapter.fast_refusal is not None:
-            return None, None
-        parsed = [adapter.site(s) for s in sites]
-        want = reforward_patch(adapter, clean, parsed, values)
-        diffs = [
-            (got.centred_logit - want.centred_logit).abs().max(),
-            (got.sigma - want.sigma).abs().max(),
-            (got.direct_effects - want.direct_effects).abs().max(),
-        ]
-        return "the hooked re-forward of the whole prompt", max(float(d) for d in diffs) / scale
+    if how["decomposition"] == "discovered":
+        want = reforward_patch(adapter, clean, [adapter.site(s) for s in sites], values)
+        return "the hooked re-forward of the whole prompt", relative_difference(got, want, clean)
     worst = 0.0
     for i, site in enumerate(sites):
         run = naive_patch(adapter, plan.tokens[0], site, values[i], granularity=config.granularity)
@@ -185,7 +178,9 @@ def _agreement(adapter: Any, plan: Any) -> tuple[str | None, float | None]:
             (got.direct_effects[i], direct),
         ):
             worst = max(worst, float((a.double() - b.double()).abs().max()))
-    return "one hooked full forward of the model per site", worst / scale
+    return "one hooked full forward of the model per site", worst / max(
+        1.0, abs(float(clean.centred_logit))
+    )
 
 
 def preflight_text(p: Preflight) -> str:

@@ -22,6 +22,7 @@ single sites.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 #: the three ways a sweep's patches are computed (``patching`` in :func:`computed_by`)
@@ -56,13 +57,8 @@ def computed_by(adapter: Any) -> dict[str, Any]:
     out.update(
         decomposition="discovered",
         verification={
-            "logits": check.logits,
-            "eq21": check.eq21,
-            "readout": check.readout,
-            "heads": check.heads,
-            "tolerance": check.tolerance,
-            "readout_tolerance": check.readout_tolerance,
-        },
+            k: v for k, v in asdict(check).items() if k != "blocks"
+        },  # not the per-block list
         patching=REFORWARD if refusal is not None else fast,
         fast_probe_error=adapter.fast_error,
         fast_refusal=refusal,
